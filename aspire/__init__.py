@@ -1,0 +1,1 @@
+"""Core of the ASPIRE pipeline: Prefect-free building blocks (config, manifest, cache, data, models)."""

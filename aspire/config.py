@@ -1,0 +1,178 @@
+"""Run configuration: YAML files validated by frozen pydantic models, with ``--set key=value`` overrides.
+
+Each stage has one config model; :class:`RunConfig` combines them. Every field carries a description, so
+``aspire <command> --help`` and error messages can say what a key means.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aspire.synth import SynthConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key, the value and the expectation."""
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+DatasetFormat = Literal["imagefolder", "hf-imagefolder", "waterbirds", "celeba", "spuco"]
+
+
+class DatasetConfig(Section):
+    """Where the images are and how to read them into a manifest."""
+
+    format: DatasetFormat = Field(description="Reader: imagefolder, hf-imagefolder, waterbirds, celeba, spuco.")
+    root: Path = Field(description="Dataset root folder (relative paths are taken from the config file's folder).")
+    target_attr: str = Field("Blond_Hair", description="CelebA: attribute used as the class label.")
+    spurious_attr: str = Field("Male", description="CelebA: attribute that defines the spurious group.")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="imagefolder without split folders: fraction of images put in val (and as much in test).",
+    )
+    seed: int = Field(0, description="Seed for any random split the reader has to make.")
+
+
+class ClassifierConfig(Section):
+    """The ERM classifier of ASPIRE step 1 (https://arxiv.org/abs/2308.10103, Sec. 2(1) and 3)."""
+
+    arch: str = Field(
+        "resnet50", description="'small-cnn' (random init, CPU demo) or any torchvision.models name."
+    )
+    weights: str | None = Field(
+        None,
+        description="None (random init), 'imagenet' (torchvision default weights, needs the hub or its cache), "
+        "or a path to a state_dict (.pt/.pth) for the backbone.",
+    )
+    image_size: int = Field(224, ge=16, description="Images are resized to image_size x image_size.")
+    epochs: int = Field(100, ge=1, description="Training epochs (ASPIRE trains to convergence).")
+    lr: float = Field(1e-3, gt=0, description="SGD learning rate (ASPIRE: 1e-3).")
+    weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay (ASPIRE: 1e-4).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    batch_size: int = Field(64, ge=1, description="Training and prediction batch size.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    seed: int = Field(0, description="Seed for weight init and data order.")
+
+
+class HoldoutConfig(Section):
+    """ASPIRE step 1: the held-out set of correctly classified training images."""
+
+    fraction: float = Field(0.1, gt=0, le=1, description="p: fraction of correctly classified train images kept.")
+    seed: int = Field(0, description="Seed of the sample.")
+
+
+class RunnerConfig(Section):
+    """How shards are executed."""
+
+    kind: Literal["threads", "dask"] = Field("threads", description="Prefect task runner: threads or dask.")
+    address: str | None = Field(None, description="dask: scheduler address of an existing cluster (tcp://host:8786).")
+    n_workers: int = Field(2, ge=1, description="threads: worker threads; dask: local cluster worker processes.")
+    shard_size: int = Field(256, ge=1, description="Rows per shard: one Prefect task runs one shard.")
+
+
+class RunConfig(Section):
+    """The whole run: where outputs go, the dataset and every stage's settings."""
+
+    workdir: Path = Field(description="Folder for all stage outputs, the report and the quarantine list.")
+    dataset: DatasetConfig
+    synth: SynthConfig | None = Field(
+        None, description="When set, the synthetic benchmark is drawn into dataset.root if it is not there yet."
+    )
+    classifier: ClassifierConfig = ClassifierConfig()
+    holdout: HoldoutConfig = HoldoutConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _synth_needs_hf_format(self) -> "RunConfig":
+        if self.synth is not None and self.dataset.format != "hf-imagefolder":
+            raise ValueError("synth is set, so dataset.format must be 'hf-imagefolder' (what aspire synth writes)")
+        return self
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value``; the value is read as YAML (``3``, ``1e-3``, ``true``, ``[a, b]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    return parts, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``section.key=value`` set (intermediate sections created)."""
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is {child!r}, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def format_validation_error(error: ValidationError, source: str, data: dict[str, Any]) -> str:
+    """One line per problem: ``<file>: key.path = value: what was expected``."""
+    lines = [f"{source}: invalid config"]
+    for problem in error.errors():
+        key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        value: Any = data
+        for p in problem["loc"]:
+            value = value.get(p, "<missing>") if isinstance(value, dict) else "<missing>"
+        shown = "<missing>" if problem["type"] == "missing" else repr(value)
+        lines.append(f"  {key} = {shown}: {problem['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make ``workdir`` and ``dataset.root`` absolute, relative to ``base`` (the config file's folder)."""
+    if isinstance(data.get("workdir"), str):
+        data["workdir"] = str((base / data["workdir"]).resolve())
+    dataset = data.get("dataset")
+    if isinstance(dataset, dict) and isinstance(dataset.get("root"), str):
+        dataset["root"] = str((base / dataset["root"]).resolve())
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, base: Path | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides and validate it.
+
+    Args:
+        path: YAML file.
+        overrides: ``section.key=value`` strings applied before validation.
+        base: folder that relative paths are taken from; default the current directory, so a config
+            run from the repository root finds ``data/...`` there.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key/value is invalid (named in the message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    data = _resolve_paths(apply_overrides(data, overrides or []), base or Path.cwd())
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path), data)) from exc

@@ -1,0 +1,122 @@
+"""Loading images as 8-bit RGB, and quarantining the ones that cannot be loaded.
+
+:func:`load_rgb` decodes the whole file (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off, so a file cut short
+is an error, not a grey bottom half) and converts any mode (grayscale, palette, RGBA, CMYK, 16-bit) to RGB.
+:func:`check_images` runs it over manifest rows and returns the good rows and one quarantine record per bad
+image with a human-readable reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from aspire.manifest import Row
+
+logger = logging.getLogger(__name__)
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class ImageError(ValueError):
+    """An image file cannot be loaded.
+
+    Attributes:
+        path: the file.
+        reason: human-readable reason, e.g. ``missing file`` or ``truncated image: ...``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"{os.fspath(path)}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode an image file completely and return it as an 8-bit RGB image.
+
+    Args:
+        path: image file.
+
+    Returns:
+        A new RGB image, independent of the (closed) file.
+
+    Raises:
+        ImageError: missing file, empty file, not an image, truncated or otherwise undecodable image.
+    """
+    with _open_decoded(Path(path)) as image:
+        return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (16/32-bit grayscale is scaled to 0..255, alpha is dropped)."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        gray = np.clip(values / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float64), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def check_images(rows: list[Row]) -> tuple[list[Row], list[dict[str, str]]]:
+    """Split rows into loadable images and quarantine records.
+
+    Args:
+        rows: manifest rows (``image_id``, ``path``).
+
+    Returns:
+        (rows whose image decodes, in order; ``{"image_id", "path", "reason"}`` for each of the others).
+    """
+    good: list[Row] = []
+    quarantine: list[dict[str, str]] = []
+    for row in rows:
+        try:
+            if row.get("path") is None:
+                raise ImageError("", "missing file")
+            with _open_decoded(Path(row["path"])):
+                pass
+        except ImageError as exc:
+            quarantine.append({"image_id": str(row["image_id"]), "path": str(row.get("path")), "reason": exc.reason})
+            logger.warning("quarantined %s (%s): %s", row["image_id"], row.get("path"), exc.reason)
+            continue
+        good.append(row)
+    logger.info("checked %d images: %d good, %d quarantined", len(rows), len(good), len(quarantine))
+    return good, quarantine
+
+
+def _open_decoded(path: Path) -> Image.Image:
+    """Open ``path`` and decode all of its pixels; the caller closes the returned image.
+
+    Raises:
+        ImageError: with the reason the file cannot be decoded.
+    """
+    if not path.is_file():
+        raise ImageError(path, "missing file")
+    if path.stat().st_size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as exc:
+        raise ImageError(path, f"not an image: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(path, f"image too large: {exc}") from None
+    try:
+        image.load()
+    except (OSError, SyntaxError, EOFError, ValueError) as exc:
+        image.close()
+        kind = "truncated image" if "truncat" in str(exc).lower() or isinstance(exc, EOFError) else "corrupt image"
+        raise ImageError(path, f"{kind}: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        image.close()
+        raise ImageError(path, f"image too large: {exc}") from None
+    return image

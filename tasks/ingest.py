@@ -1,0 +1,51 @@
+"""Stage 0, ``ingest``: read the dataset into a manifest and quarantine images that cannot be decoded.
+
+Missing, empty, truncated and non-image files are listed with their reason in the shard's quarantine;
+the run goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from aspire.cache import ShardResult, StageStore
+from aspire.config import RunConfig
+from aspire.images import check_images
+from aspire.manifest import Row, digest, validate_rows
+from aspire.readers import read_dataset
+
+STAGE = "ingest"
+VERSION = 1
+
+
+def list_dataset(config: RunConfig) -> list[Row]:
+    """The dataset's rows as its reader lists them (no image is opened)."""
+    return validate_rows(read_dataset(config.dataset), where=f"dataset {config.dataset.root}")
+
+
+def listing_digest(rows: list[Row]) -> str:
+    """Digest of the rows plus each file's size and modification time: changes when any image changes."""
+    stats = []
+    for row in rows:
+        try:
+            st = os.stat(row["path"])
+            stats.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append(None)
+    return digest({"rows": rows, "stats": stats})
+
+
+def run_ingest(rows: list[Row], out_dir: Path) -> ShardResult:
+    """Keep rows whose image decodes; quarantine the others with a reason."""
+    good, bad = check_images(rows)
+    return ShardResult(good, bad)
+
+
+@task(name="ingest-shard", cache_policy=NO_CACHE, retries=1)
+def ingest_shard_task(store: StageStore, index: int, rows: list[Row]) -> dict:
+    """Check one shard's images and commit it (skipped when already committed)."""
+    return store.ensure_shard(index, rows, run_ingest)

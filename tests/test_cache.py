@@ -1,0 +1,112 @@
+"""The cache rules: keys, atomic shard commits, skips, redo of half-written or tampered shards."""
+
+from pathlib import Path
+
+import pytest
+
+from aspire.cache import ShardResult, StageStore, shards, stage_key
+
+ROWS = [{"image_id": f"img{i}", "path": f"/x/{i}.png", "label": i % 2, "class_name": "ab"[i % 2], "split": "train"}
+        for i in range(10)]
+
+
+class Counter:
+    """A shard function that counts its calls and writes one file per row."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, rows, out_dir: Path) -> ShardResult:
+        self.calls += 1
+        out = []
+        for row in rows:
+            (out_dir / f"{row['image_id']}.txt").write_text(row["image_id"])
+            out.append({**row, "path": str(out_dir / f"{row['image_id']}.txt"), "seen": True})
+        return ShardResult(out, [{"image_id": "bad", "path": "/bad", "reason": "test"}])
+
+
+def test_stage_key_depends_on_every_input():
+    base = dict(stage="s", version=1, config={"a": 1}, backend="b", input_digest="d")
+    key = stage_key(**base)
+    assert key == stage_key(**base)
+    for change in ({"stage": "t"}, {"version": 2}, {"config": {"a": 2}}, {"backend": "c"}, {"input_digest": "e"}):
+        assert stage_key(**{**base, **change}) != key
+
+
+def test_shards_split_in_order():
+    parts = shards(ROWS, 4)
+    assert [len(p) for p in parts] == [4, 4, 2]
+    assert [r for p in parts for r in p] == ROWS
+    assert shards([], 4) == [[]]
+
+
+def test_commit_then_skip_and_retarget_paths(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    run = Counter()
+    first = store.ensure_shard(0, ROWS[:3], run)
+    again = store.ensure_shard(0, ROWS[:3], run)
+    assert run.calls == 1 and first["cached"] is False and again["cached"] is True
+    assert first["rows"] == 3 and first["quarantined"] == 1
+    result = store.read_shard(0)
+    committed = store.part_dir("shard-00000")
+    assert all(Path(r["path"]).parent == committed and Path(r["path"]).read_text() == r["image_id"] for r in result.rows)
+    assert result.quarantine[0]["reason"] == "test"
+    assert not list(tmp_path.rglob(".shard-*"))  # no temporary folder left behind
+
+
+def test_other_input_rows_are_recomputed(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    run = Counter()
+    store.ensure_shard(0, ROWS[:3], run)
+    store.ensure_shard(0, ROWS[3:6], run)
+    assert run.calls == 2
+    assert [r["image_id"] for r in store.read_shard(0).rows] == ["img3", "img4", "img5"]
+
+
+def test_half_written_shard_is_redone(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    run = Counter()
+    store.ensure_shard(0, ROWS[:3], run)
+    (store.part_dir("shard-00000") / "DONE.json").unlink()  # killed between rename and marker
+    assert not store.shard_is_current(0, ROWS[:3])
+    store.ensure_shard(0, ROWS[:3], run)
+    assert run.calls == 2 and store.shard_is_current(0, ROWS[:3])
+
+
+def test_tampered_rows_file_invalidates_marker(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    run = Counter()
+    store.ensure_shard(0, ROWS[:3], run)
+    rows_file = store.part_dir("shard-00000") / "rows.jsonl"
+    rows_file.write_text(rows_file.read_text()[:-20])  # truncated
+    assert store.read_marker("shard-00000") is None
+    store.ensure_shard(0, ROWS[:3], run)
+    assert run.calls == 2 and len(store.read_shard(0).rows) == 3
+
+
+def test_failed_shard_leaves_nothing(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+
+    def boom(rows, out_dir):
+        (out_dir / "partial.txt").write_text("x")
+        raise RuntimeError("model crashed")
+
+    with pytest.raises(RuntimeError, match="model crashed"):
+        store.ensure_shard(0, ROWS[:3], boom)
+    assert not store.part_dir("shard-00000").exists()
+    assert [p.name for p in store.root.iterdir()] == []
+
+
+def test_stage_marker_needs_every_part(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    run = Counter()
+    for i, part in enumerate(shards(ROWS, 4)):
+        store.ensure_shard(i, part, run)
+    store.commit_stage(ROWS, {"parts": ["shard-00000", "shard-00001", "shard-00002"]})
+    assert store.stage_marker()["rows"] == len(ROWS)
+    import shutil
+
+    shutil.rmtree(store.part_dir("shard-00001"))
+    assert store.stage_marker() is None
+    (store.root / "rows.jsonl").write_text("")
+    assert store.stage_marker() is None
