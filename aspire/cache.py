@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -64,6 +65,19 @@ def _retarget(rows: list[Row], old: Path, new: Path) -> list[Row]:
     ]
 
 
+def read_part_marker(folder: Path) -> dict[str, Any] | None:
+    """A part folder's marker if the part is committed and its checked files are intact, else ``None``."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    for file_name, expected in marker.get("files", {}).items():
+        path = folder / file_name
+        if not path.is_file() or file_digest(path) != expected:
+            return None
+    return marker
+
+
 @dataclass(frozen=True)
 class ShardResult:
     """What a shard function returns: kept rows and quarantine records ``{image_id, path, reason}``."""
@@ -95,16 +109,11 @@ class StageStore:
 
     def read_marker(self, name: str) -> dict[str, Any] | None:
         """The part's marker if the part is committed and intact, else ``None``."""
-        folder = self.part_dir(name)
-        try:
-            marker = json.loads((folder / MARKER).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        for file_name, expected in marker.get("files", {}).items():
-            path = folder / file_name
-            if not path.is_file() or file_digest(path) != expected:
-                return None
-        return marker
+        return read_part_marker(self.part_dir(name))
+
+    def part_ref(self, name: str) -> str:
+        """The part's path relative to the workdir, as stage summaries list the parts they depend on."""
+        return f"{self.stage}/{self.key}/{name}"
 
     def commit(
         self,
@@ -129,7 +138,8 @@ class StageStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        marker = {"name": name, "input_digest": input_digest, "files": files, "committed_at": time.time(), **extra}
+        marker = {"name": name, "input_digest": input_digest, "files": files, "committed_at": time.time(),
+                  "host": socket.gethostname(), "pid": os.getpid(), **extra}
         _write_json_atomic(final / MARKER, marker)
         return marker
 
@@ -183,8 +193,8 @@ class StageStore:
         rows_file = self.root / ROWS
         if not rows_file.is_file() or file_digest(rows_file) != marker.get("digest"):
             return None
-        for part in marker.get("summary", {}).get("parts", []):
-            if self.read_marker(part) is None:
+        for ref in marker.get("summary", {}).get("parts", []):
+            if read_part_marker(Path(self.workdir) / ref) is None:
                 return None
         return marker
 

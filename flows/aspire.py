@@ -76,7 +76,7 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
         result = store.read_shard(i)
         out_rows += result.rows
         quarantine += result.quarantine
-    info = {"shards": len(parts), "shards_run": len(todo), "parts": [store.shard_name(i) for i in range(len(parts))]}
+    info = {"shards": len(parts), "shards_run": len(todo), "parts": [store.part_ref(store.shard_name(i)) for i in range(len(parts))]}
     return out_rows, quarantine, info
 
 
@@ -122,6 +122,8 @@ def _holdout(plan: Plan, runner, rows: list[Row], force: bool) -> tuple[list[Row
         shutil.rmtree(store.root)
     trained = holdout.train_task(store, rows, config.classifier)
     predicted, quarantine, info = run_shards(runner, store, rows, holdout.predict_shard_task, config.runner.shard_size)
+    parts = [store.part_ref(holdout.MODEL_PART), *info["parts"]]
+    store.commit_stage(predicted, {"parts": parts, "rows_in": len(rows), "rows_out": len(predicted)})
     selected = holdout.select_holdout(predicted, config.holdout)
     summary = {
         "rows_in": len(rows), "failures": len(quarantine), "quarantine": quarantine,
@@ -129,6 +131,7 @@ def _holdout(plan: Plan, runner, rows: list[Row], force: bool) -> tuple[list[Row
         "train": sum(r["split"] == "train" for r in selected),
         "holdout": sum(r["holdout"] for r in selected),
         "before": holdout.evaluate(selected), "classifier_key": store.key, "predict_shards_run": info["shards_run"],
+        "parts": parts,
     }
     return selected, summary
 

@@ -102,7 +102,7 @@ def test_stage_marker_needs_every_part(tmp_path):
     run = Counter()
     for i, part in enumerate(shards(ROWS, 4)):
         store.ensure_shard(i, part, run)
-    store.commit_stage(ROWS, {"parts": ["shard-00000", "shard-00001", "shard-00002"]})
+    store.commit_stage(ROWS, {"parts": [store.part_ref(store.shard_name(i)) for i in range(3)]})
     assert store.stage_marker()["rows"] == len(ROWS)
     import shutil
 

@@ -1,0 +1,139 @@
+"""The ASPIRE flow under a real Prefect server: quarantine, caching, shard-level recompute, CLI, Dask."""
+
+import csv
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from aspire.cache import read_part_marker
+from aspire.synth import SynthConfig, draw_benchmark
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+SMALL = dict(image_size=32, train_per_class=40, val_per_group=1, test_per_group=2)
+
+
+def add_bad_images(root: Path) -> None:
+    """A truncated JPEG, a zero-byte file and a row whose file is missing, added to the train split."""
+    meta = root / "train" / "metadata.csv"
+    with open(meta, newline="") as f:
+        records = list(csv.DictReader(f))
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (root / "train" / "dog" / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (root / "train" / "dog" / "empty.jpg").write_bytes(b"")
+    for name in ("truncated.jpg", "empty.jpg", "missing.jpg"):
+        records.append({**records[0], "file_name": f"dog/{name}", "image_id": f"bad-{name}"})
+    with open(meta, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+@pytest.fixture
+def run_config(tmp_path) -> Path:
+    root = tmp_path / "benchmark"
+    draw_benchmark(SynthConfig(**SMALL), root)
+    add_bad_images(root)
+    config = {
+        "workdir": str(tmp_path / "run"),
+        "dataset": {"format": "hf-imagefolder", "root": str(root)},
+        "classifier": {"arch": "small-cnn", "image_size": 32, "epochs": 2, "lr": 0.05, "batch_size": 32, "device": "cpu"},
+        "holdout": {"fraction": 0.2, "seed": 0},
+        "runner": {"kind": "threads", "n_workers": 2, "shard_size": 64},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config: Path, *overrides: str, **kwargs) -> dict:
+    from flows.aspire import aspire_flow
+
+    return aspire_flow(config_path=str(config), overrides=list(overrides), **kwargs)
+
+
+def summary(workdir: Path, stage: str) -> dict:
+    import json
+
+    (key_dir,) = [p for p in (workdir / stage).iterdir() if (p / "DONE.json").is_file()]
+    return json.loads((key_dir / "DONE.json").read_text())["summary"]
+
+
+def test_flow_quarantines_caches_and_recomputes_exactly_what_changed(run_config, tmp_path):
+    workdir = tmp_path / "run"
+    # 1. cold run: bad images are quarantined with reasons, the rest goes on
+    report = run(run_config)
+    reasons = {Path(q["path"]).name: q["reason"] for q in report["quarantine"]}
+    assert set(reasons) == {"truncated.jpg", "empty.jpg", "missing.jpg"}
+    assert reasons["missing.jpg"] == "missing file" and "empty" in reasons["empty.jpg"]
+    assert "truncated" in reasons["truncated.jpg"]
+    assert (workdir / "quarantine.csv").read_text().count("\n") == 4
+    assert report["counts"]["train"] == 3 * 40 and report["counts"]["holdout"] > 0
+    assert 0 <= report["before"]["worst_group_acc"] <= report["before"]["avg_acc"] <= 1
+    assert not report["stages"]["holdout"]["cached"]
+
+    # 2. warm run: everything cached, nothing trained
+    report = run(run_config)
+    assert all(stage["cached"] for stage in report["stages"].values())
+
+    # 3. one prediction shard deleted: exactly that shard is recomputed, the model is not retrained
+    classifier_dir = next((workdir / "classifier").iterdir())
+    shutil.rmtree(classifier_dir / "shard-00001")
+    report = run(run_config)
+    assert report["stages"]["ingest"]["cached"] and not report["stages"]["holdout"]["cached"]
+    assert summary(workdir, "holdout")["predict_shards_run"] == 1
+    assert summary(workdir, "holdout")["trained"] is False
+
+    # 4. one ingest shard half-written (marker gone): only it is redone, downstream stays cached
+    ingest_dir = next((workdir / "ingest").iterdir())
+    (ingest_dir / "shard-00002" / "DONE.json").unlink()
+    report = run(run_config)
+    assert summary(workdir, "ingest")["shards_run"] == 1
+    assert report["stages"]["holdout"]["cached"]
+
+    # 5. a holdout-only change reselects without retraining or predicting; a classifier change retrains
+    report = run(run_config, "holdout.fraction=0.5")
+    assert not report["stages"]["holdout"]["cached"] and report["stages"]["ingest"]["cached"]
+    assert len(list((workdir / "classifier").iterdir())) == 1
+    report = run(run_config, "classifier.epochs=1")
+    assert len(list((workdir / "classifier").iterdir())) == 2
+
+
+def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
+    from flows.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["status", str(run_config)])
+    assert result.exit_code == 0 and "missing" in result.output
+
+    result = runner.invoke(app, ["stage", "holdout", str(run_config)])
+    assert result.exit_code == 0, result.output
+    assert "worst-group accuracy" in result.output and "quarantined 3 images" in result.output
+    result = runner.invoke(app, ["status", str(run_config)])
+    assert [line.split()[1] for line in result.output.splitlines()] == ["done", "done", "done"]
+
+    model = next((tmp_path / "run" / "classifier").iterdir()) / "model" / "DONE.json"
+    before = model.stat().st_mtime_ns
+    result = runner.invoke(app, ["stage", "holdout", str(run_config), "--force"])
+    assert result.exit_code == 0, result.output
+    assert model.stat().st_mtime_ns != before  # retrained
+
+    result = runner.invoke(app, ["status", str(run_config), "--set", "holdout.fraction=0.9"])
+    assert "stale" in result.output.splitlines()[-1]
+    result = runner.invoke(app, ["run", str(run_config), "--set", "holdout.fraction=2"])
+    assert result.exit_code == 2 and "holdout.fraction = 2" in result.output
+
+
+def test_dask_runner_runs_shards_in_worker_processes(run_config, tmp_path):
+    run(run_config, "runner.kind=dask", "runner.n_workers=2", until="ingest")
+    ingest_dir = next((tmp_path / "run" / "ingest").iterdir())
+    pids = {read_part_marker(p)["pid"] for p in ingest_dir.glob("shard-*")}
+    assert pids and os.getpid() not in pids
