@@ -4,6 +4,9 @@ import csv
 import io
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +140,28 @@ def test_dask_runner_runs_shards_in_worker_processes(run_config, tmp_path):
     ingest_dir = next((tmp_path / "run" / "ingest").iterdir())
     pids = {read_part_marker(p)["pid"] for p in ingest_dir.glob("shard-*")}
     assert pids and os.getpid() not in pids
+
+
+def test_serve_creates_a_scheduled_deployment_that_prefect_deployment_run_triggers(run_config, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(run_config), "--cron", "0 3 * * *",
+                              "--name", "nightly"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        inspect = [sys.executable, "-m", "prefect", "deployment", "inspect", "aspire/nightly"]
+        for _ in range(120):  # the served deployment registers within seconds
+            shown = subprocess.run(inspect, env=env, capture_output=True, text=True)
+            if shown.returncode == 0:
+                break
+            assert serve.poll() is None, serve.stdout.read().decode()
+            time.sleep(0.5)
+        assert "0 3 * * *" in shown.stdout
+        triggered = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "aspire/nightly", "--watch",
+                                    "--watch-timeout", "240"], env=env, capture_output=True, text=True, timeout=300)
+        assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+        assert "Completed" in triggered.stdout + triggered.stderr
+        assert (tmp_path / "run" / "report.json").is_file()
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
