@@ -207,3 +207,14 @@ def test_config_validation() -> None:
 def test_example_config_is_the_defaults() -> None:
     data = yaml.safe_load((REPO / "configs" / "synth.yaml").read_text())
     assert SynthConfig.model_validate(data) == SynthConfig()
+
+
+def test_reads_back_unchanged_through_the_hf_imagefolder_reader(drawn: tuple[SynthConfig, Path, list[Row]]) -> None:
+    from aspire.config import DatasetConfig
+    from aspire.readers import read_dataset
+
+    _, out, rows = drawn
+    read = {r["image_id"]: r for r in read_dataset(DatasetConfig(format="hf-imagefolder", root=out))}
+    assert set(read) == {r["image_id"] for r in rows}
+    for row in rows:
+        assert read[row["image_id"]] == row
