@@ -4,18 +4,21 @@ Layout of one stage run (see ARCHITECTURE.md, "A stage")::
 
     <workdir>/<stage>/<key>/shard-00000/rows.jsonl      rows this shard produced
                             shard-00000/quarantine.jsonl rows it set aside, with reasons
-                            shard-00000/DONE.json        marker: row count, content digest, input digest
+                            shard-00000/DONE.json        marker: row count, file digests, input digest
                             model/ ...                   other named parts (same commit rule)
                             rows.jsonl, DONE.json        the stage's whole output, once every part is in
 
 ``key`` hashes the stage name, its version, its config, the backend identity and the input digest, so a
 change to any of them writes to a new folder and leaves the old one untouched. A part is written into a
 temporary folder, renamed into place, and only then marked done; a folder without a valid marker is
-half-written and is redone. The markers, not Prefect's cache, decide what is done.
+half-written and is redone. Writers of the same part take a file lock, so two runs (a scheduled one and
+a manual one) never interleave. The markers, not Prefect's cache, decide what is done.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -23,11 +26,11 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from aspire.manifest import Row, canonical_json, digest, read_jsonl, write_jsonl
+from aspire.manifest import Row, digest, read_jsonl, write_jsonl
 
 MARKER = "DONE.json"
 ROWS = "rows.jsonl"
@@ -54,6 +57,14 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def _read_json_dict(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _retarget(rows: list[Row], old: Path, new: Path) -> list[Row]:
     """Point ``path`` values inside the temporary folder at the committed folder."""
     prefix = str(old) + os.sep
@@ -67,12 +78,11 @@ def _retarget(rows: list[Row], old: Path, new: Path) -> list[Row]:
 
 def read_part_marker(folder: Path) -> dict[str, Any] | None:
     """A part folder's marker if the part is committed and its checked files are intact, else ``None``."""
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+    marker = _read_json_dict(Path(folder) / MARKER)
+    if marker is None:
         return None
     for file_name, expected in marker.get("files", {}).items():
-        path = folder / file_name
+        path = Path(folder) / file_name
         if not path.is_file() or file_digest(path) != expected:
             return None
     return marker
@@ -80,10 +90,12 @@ def read_part_marker(folder: Path) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class ShardResult:
-    """What a shard function returns: kept rows and quarantine records ``{image_id, path, reason}``."""
+    """What a shard function returns: kept rows, quarantine records ``{image_id, path, reason}`` and
+    numeric stats (summed over shards into the stage summary, e.g. tokens used)."""
 
     rows: list[Row]
     quarantine: list[Row]
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -101,6 +113,10 @@ class StageStore:
     def part_dir(self, name: str) -> Path:
         return self.root / name
 
+    def part_ref(self, name: str) -> str:
+        """The part's path relative to the workdir, as stage markers list the parts they depend on."""
+        return f"{self.stage}/{self.key}/{name}"
+
     @staticmethod
     def shard_name(index: int) -> str:
         return f"shard-{index:05d}"
@@ -111,108 +127,118 @@ class StageStore:
         """The part's marker if the part is committed and intact, else ``None``."""
         return read_part_marker(self.part_dir(name))
 
-    def part_ref(self, name: str) -> str:
-        """The part's path relative to the workdir, as stage summaries list the parts they depend on."""
-        return f"{self.stage}/{self.key}/{name}"
-
-    def commit(
-        self,
-        name: str,
-        write: Callable[[Path], dict[str, Any] | None],
-        input_digest: str | None = None,
-        checked_files: tuple[str, ...] = (),
-    ) -> dict[str, Any]:
-        """Write a part atomically: ``write(tmp_dir)`` fills a temporary folder, which is renamed into place
-        and then marked done. ``write`` may return extra marker fields. ``checked_files`` are digested into
-        the marker and verified on every read."""
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """Exclusive lock of one part across threads and processes (held while it is checked and written)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.part_dir(name)
-        tmp = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            extra = write(tmp) or {}
-            files = {f: file_digest(tmp / f) for f in checked_files}
-            if final.exists():  # half-written or stale: replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        marker = {"name": name, "input_digest": input_digest, "files": files, "committed_at": time.time(),
-                  "host": socket.gethostname(), "pid": os.getpid(), **extra}
-        _write_json_atomic(final / MARKER, marker)
-        return marker
+        with open(self.root / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def ensure_part(self, name: str, write: Callable[[Path], dict[str, Any] | None], input_digest: str = "",
+                    checked_files: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Return the part's marker if it is committed for ``input_digest``; else build it atomically.
+
+        ``write(tmp_dir)`` fills a temporary folder, which is renamed into place and then marked done;
+        ``write`` may return extra marker fields. ``checked_files`` are digested into the marker and
+        verified on every read. The returned marker has ``cached`` set to whether the part was there."""
+        with self._locked(name):
+            marker = self.read_marker(name)
+            if marker is not None and marker.get("input_digest") == input_digest:
+                return {**marker, "cached": True}
+            final = self.part_dir(name)
+            for stale in self.root.glob(f".{name}.tmp-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                extra = write(tmp) or {}
+                files = {f: file_digest(tmp / f) for f in checked_files}
+                if final.exists():  # half-written or stale: replace it
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            marker = {"name": name, "input_digest": input_digest, "files": files, "token": uuid.uuid4().hex,
+                      "committed_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **extra}
+            _write_json_atomic(final / MARKER, marker)
+            return {**marker, "cached": False}
 
     # -- shards ------------------------------------------------------------------------------------------
 
-    def ensure_shard(self, index: int, input_rows: list[Row], run: Callable[[list[Row], Path], ShardResult]) -> dict:
+    @staticmethod
+    def shard_input_digest(input_rows: list[Row], salt: str = "") -> str:
+        """What a shard's output depends on besides the stage key: its rows, and e.g. the model's digest."""
+        return digest({"rows": input_rows, "salt": salt})
+
+    def shard_is_current(self, index: int, input_rows: list[Row], salt: str = "") -> bool:
+        """Whether the shard is committed, intact and was computed from these input rows (and salt)."""
+        marker = self.read_marker(self.shard_name(index))
+        return marker is not None and marker.get("input_digest") == self.shard_input_digest(input_rows, salt)
+
+    def ensure_shard(self, index: int, input_rows: list[Row], run: Callable[[list[Row], Path], ShardResult],
+                     salt: str = "") -> dict:
         """Return the shard's marker if it is committed for these input rows; else run and commit it.
 
         ``run(rows, out_dir)`` computes the shard. Files it writes into ``out_dir`` end up in the committed
-        folder, and row ``path`` values pointing into ``out_dir`` are rewritten to point there. The
-        returned marker has ``cached`` set to whether the shard was already there."""
+        folder, and row ``path`` values pointing into ``out_dir`` are rewritten to point there."""
         name = self.shard_name(index)
-        if self.shard_is_current(index, input_rows):
-            return {**self.read_marker(name), "cached": True}
-        input_digest = digest(input_rows)
 
         def write(tmp: Path) -> dict[str, Any]:
             start = time.perf_counter()
             result = run(input_rows, tmp)
             write_jsonl(_retarget(result.rows, tmp, self.part_dir(name)), tmp / ROWS)
             write_jsonl(result.quarantine, tmp / QUARANTINE)
-            return {"rows": len(result.rows), "quarantined": len(result.quarantine),
+            return {"rows": len(result.rows), "quarantined": len(result.quarantine), "stats": result.stats,
                     "seconds": round(time.perf_counter() - start, 3)}
 
-        return {**self.commit(name, write, input_digest=input_digest, checked_files=(ROWS, QUARANTINE)), "cached": False}
-
-    def shard_is_current(self, index: int, input_rows: list[Row]) -> bool:
-        """Whether the shard is committed, intact and was computed from these input rows."""
-        marker = self.read_marker(self.shard_name(index))
-        return marker is not None and marker.get("input_digest") == digest(input_rows)
+        return self.ensure_part(name, write, self.shard_input_digest(input_rows, salt), (ROWS, QUARANTINE))
 
     def read_shard(self, index: int) -> ShardResult:
         folder = self.part_dir(self.shard_name(index))
-        return ShardResult(read_jsonl(folder / ROWS), read_jsonl(folder / QUARANTINE))
+        stats = (read_part_marker(folder) or {}).get("stats", {})
+        return ShardResult(read_jsonl(folder / ROWS), read_jsonl(folder / QUARANTINE), stats)
 
     # -- the whole stage ---------------------------------------------------------------------------------
 
-    def commit_stage(self, rows: list[Row], summary: dict[str, Any]) -> None:
-        """Write the stage's whole output and its marker (after every part is committed)."""
+    def commit_stage(self, rows: list[Row], summary: dict[str, Any], parts: list[str] = ()) -> dict[str, Any]:
+        """Write the stage's whole output and its marker, after every part it depends on is committed.
+
+        ``parts`` are workdir-relative part folders (``part_ref``); their marker tokens are recorded, so the
+        stage is stale once any of them is deleted, half-written or recommitted."""
+        tokens = {}
+        for ref in parts:
+            marker = read_part_marker(Path(self.workdir) / ref)
+            if marker is None:
+                raise RuntimeError(f"{self.stage}: part {ref} is not committed; cannot commit the stage")
+            tokens[ref] = marker["token"]
         self.root.mkdir(parents=True, exist_ok=True)
         write_jsonl(rows, self.root / ROWS)
-        _write_json_atomic(self.root / MARKER, {"rows": len(rows), "digest": file_digest(self.root / ROWS),
-                                                 "summary": summary, "committed_at": time.time()})
+        marker = {"rows": len(rows), "digest": file_digest(self.root / ROWS), "parts": tokens,
+                  "summary": summary, "committed_at": time.time()}
+        _write_json_atomic(self.root / MARKER, marker)
+        return marker
 
     def stage_marker(self) -> dict[str, Any] | None:
-        """The stage marker if the stage output is committed and intact, and so are all its parts."""
-        try:
-            marker = json.loads((self.root / MARKER).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        """The stage marker if the stage output is committed and intact, and so are the parts it used."""
+        marker = _read_json_dict(self.root / MARKER)
         rows_file = self.root / ROWS
-        if not rows_file.is_file() or file_digest(rows_file) != marker.get("digest"):
+        if marker is None or not rows_file.is_file() or file_digest(rows_file) != marker.get("digest"):
             return None
-        for ref in marker.get("summary", {}).get("parts", []):
-            if read_part_marker(Path(self.workdir) / ref) is None:
+        for ref, token in marker.get("parts", {}).items():
+            part = read_part_marker(Path(self.workdir) / ref)
+            if part is None or part.get("token") != token:
                 return None
         return marker
 
     def read_rows(self) -> list[Row]:
         return read_jsonl(self.root / ROWS)
 
-    def read_quarantine(self) -> list[Row]:
-        """Every quarantine record of the committed shards."""
-        records: list[Row] = []
-        for folder in sorted(self.root.glob("shard-*")):
-            if (folder / QUARANTINE).is_file():
-                records.extend(read_jsonl(folder / QUARANTINE))
-        return records
-
 
 def shards(rows: list[Row], size: int) -> list[list[Row]]:
     """Split rows into consecutive shards of at most ``size`` rows (always at least one shard)."""
     return [rows[i : i + size] for i in range(0, len(rows), size)] or [[]]
-
-
-__all__ = ["ShardResult", "StageStore", "stage_key", "shards", "file_digest", "canonical_json"]

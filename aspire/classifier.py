@@ -75,9 +75,8 @@ def build_model(config: ClassifierConfig, num_classes: int) -> nn.Module:
     """
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes}: need at least 2 classes to train a classifier")
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(config.seed)  # weight init is seeded, then the global state is restored
-    try:
+    with torch.random.fork_rng():  # weight init is seeded; the caller's random state is left as it was
+        torch.manual_seed(config.seed)
         if config.arch == "small-cnn":
             if config.weights is not None:
                 raise ValueError("classifier.weights must be null for arch 'small-cnn' (it has no pretrained weights)")
@@ -86,8 +85,6 @@ def build_model(config: ClassifierConfig, num_classes: int) -> nn.Module:
             raise ValueError(f"classifier.arch={config.arch!r}: not 'small-cnn' nor a torchvision.models name")
         model = _load_backbone(config)
         return _replace_head(model, num_classes)
-    finally:
-        torch.random.set_rng_state(generator_state)
 
 
 def _load_backbone(config: ClassifierConfig) -> nn.Module:

@@ -71,6 +71,57 @@ class HoldoutConfig(Section):
     seed: int = Field(0, description="Seed of the sample.")
 
 
+class CaptionConfig(Section):
+    """ASPIRE step 2: caption each held-out image (https://arxiv.org/abs/2308.10103, Sec. 2(2))."""
+
+    backend: Literal["git", "blip", "metadata"] = Field(
+        "git", description="git (transformers GIT), blip (transformers BLIP) or metadata (the manifest's caption column)."
+    )
+    model: str = Field("microsoft/git-large-coco", description="Hub id or local folder of the captioning model.")
+    batch_size: int = Field(16, ge=1, description="Images per generate() call.")
+    max_length: int = Field(40, ge=2, description="Maximum caption length in tokens.")
+    num_beams: int = Field(1, ge=1, description="Beam search width (1 = greedy).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Model weights dtype (half precision needs a GPU).")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+
+
+class ExtractConfig(Section):
+    """ASPIRE step 3: foreground objects, background and an alternative background per caption (Sec. 2(3), A.6)."""
+
+    backend: Literal["openai", "rules"] = Field("openai", description="openai (any OpenAI-compatible server) or rules (offline).")
+    model: str = Field("gpt-4o", description="openai: chat model name.")
+    temperature: float = Field(0.0, ge=0, le=2, description="openai: sampling temperature (0 for reproducible answers).")
+    base_url: str | None = Field(
+        None, description="openai: server URL (e.g. http://localhost:8000/v1 for vLLM); default OPENAI_BASE_URL or OpenAI."
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: name of the environment variable holding the API key (the key itself "
+        "never goes into a config, a log or a cache file)."
+    )
+    captions_per_request: int = Field(10, ge=1, description="openai: (caption, label) pairs sent in one request.")
+    timeout: float = Field(60.0, gt=0, description="openai: seconds before a request is abandoned and retried.")
+    max_retries: int = Field(4, ge=0, description="openai: retries of 429/5xx/timeouts (exponential backoff, by the SDK).")
+    max_repairs: int = Field(2, ge=0, description="openai: re-asks for items missing from or malformed in an answer.")
+    prompt: str = Field("extract_prompt.txt", description="Prompt file in prompts/ (or a path).")
+    exemplars: str = Field("extract_exemplars.jsonl", description="Annotated exemplars file in prompts/ (or a path).")
+    alternatives: str = Field("alt_backgrounds.tsv", description="rules: background -> alternative background table.")
+    synonyms: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Extra words naming each class (class name -> synonyms); foreground phrases naming the class are dropped.",
+    )
+
+
+class CollapseConfig(Section):
+    """Top-k selection: collapse near-identical phrases, keep the k most frequent groups per class (Sec. 2, Table 4)."""
+
+    embedder: Literal["bow", "minilm", "glove"] = Field("bow", description="Phrase similarity: bow (stems), minilm, glove.")
+    glove_path: Path | None = Field(None, description="glove: a GloVe vectors text file (word v1 v2 ...).")
+    threshold: float | None = Field(
+        None, gt=0, le=1, description="Cosine similarity to merge; default per embedder (bow 0.5, minilm 0.65, glove 0.9, see BENCHMARKS.md)."
+    )
+    top_k: int = Field(3, ge=1, description="Groups kept per class (ASPIRE: k=3).")
+
+
 class RunnerConfig(Section):
     """How shards are executed."""
 
@@ -90,6 +141,9 @@ class RunConfig(Section):
     )
     classifier: ClassifierConfig = ClassifierConfig()
     holdout: HoldoutConfig = HoldoutConfig()
+    caption: CaptionConfig = CaptionConfig()
+    extract: ExtractConfig = ExtractConfig()
+    collapse: CollapseConfig = CollapseConfig()
     runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")

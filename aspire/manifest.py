@@ -67,9 +67,15 @@ def validate_rows(rows: Iterable[Row], where: str = "manifest") -> list[Row]:
     return rows
 
 
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):  # pydantic models hash by their JSON fields, not their repr
+        return value.model_dump(mode="json")
+    return str(value)
+
+
 def canonical_json(value: Any) -> str:
     """JSON with sorted keys and no whitespace: equal values give equal strings."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=_jsonable)
 
 
 def digest(value: Any) -> str:

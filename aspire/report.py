@@ -24,6 +24,9 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     counts = {
         "train": holdout.get("train"),
         "holdout": holdout.get("holdout"),
+        "captions": summaries.get("caption", {}).get("rows_out"),
+        "extracted": (summaries["extract"]["rows_out"] - summaries["extract"]["failures"]
+                      if "extract" in summaries else None),
         "quarantined": len(quarantine),
     }
     return {

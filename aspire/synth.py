@@ -97,7 +97,7 @@ class ObjectSpec(_Spec):
 class BackgroundSpec(_Spec):
     """A background texture."""
 
-    name: str = Field(min_length=1, description="Background name (the `background` column).")
+    name: str = Field(min_length=1, description="Background name (the `scene` column of the rows drawn on it).")
     texture: Texture = Field(description="Texture: noise, hstripes, vstripes, waves, dots or checker.")
     colors: list[RGB] = Field(min_length=2, description="Two or more colours [r, g, b] the texture mixes.")
     words: list[str] = Field(
@@ -556,7 +556,7 @@ def draw_benchmark(config: SynthConfig, out: Path, seed: int | None = None) -> l
 
     Returns:
         The rows of every split (train, val, test in that order), with the manifest columns plus
-        ``group``, ``group_name``, ``caption``, ``objects``, ``boxes``, ``background``, ``has_object``
+        ``group``, ``group_name``, ``caption``, ``objects``, ``boxes``, ``scene`` (the background's name), ``has_object``
         and ``source="synthetic"``. Paths are absolute.
 
     Raises:
@@ -594,7 +594,7 @@ def draw_benchmark(config: SynthConfig, out: Path, seed: int | None = None) -> l
                 "caption": caption,
                 "objects": [spec.object] if has_object else [],
                 "boxes": boxes,
-                "background": background,
+                "scene": background,
                 "has_object": has_object,
                 "source": "synthetic",
             }

@@ -1,21 +1,27 @@
 """The ASPIRE flow: stages composed in order, each a cached, sharded Prefect stage.
 
-Stages so far: ``ingest`` (read the dataset, quarantine bad images) and ``holdout`` (ERM classifier,
-predictions, the held-out set, the report's ``before`` block). Later stages plug in after ``holdout``.
-The logic lives in ``tasks/``; this module plans keys, submits shard tasks, collects rows, publishes
+Stages so far: ``ingest`` (read the dataset, quarantine bad images), ``classifier`` (ERM model and its
+predictions), ``holdout`` (the held-out set, the report's ``before`` block), ``caption`` and ``extract``.
+The logic lives in ``tasks/``; this module computes keys, submits shard tasks, collects rows, publishes
 artifacts and writes the report.
+
+Keys chain by content: a stage's input digest is the digest of its upstream stage's committed output, so a
+change that leaves an upstream output identical (touching image files, a new shard size) reruns nothing
+downstream, and a config change reruns its stage and what is downstream, never what is upstream.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+import uuid
+from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
+    update_progress_artifact
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
@@ -25,45 +31,52 @@ from aspire.manifest import Row, digest
 from aspire.report import render_markdown, write_report
 from aspire.synth import draw_benchmark
 from flows.runtime import make_task_runner
-from tasks import holdout, ingest
+from tasks import caption, classifier, extract, holdout, ingest
 
-STAGES = ("ingest", "holdout")
-
-
-@dataclass
-class Plan:
-    """The stores (hence keys) of every stage for one config, computed without running anything."""
-
-    config: RunConfig
-    listing: list[Row]
-    stores: dict[str, StageStore] = field(default_factory=dict)
+STAGES = ("ingest", "classifier", "holdout", "caption", "extract")
 
 
-def plan_run(config: RunConfig) -> Plan:
-    """Compute each stage's key from its config, backend and upstream key (the input digest chain)."""
-    listing = ingest.list_dataset(config)
-    shard_size = config.runner.shard_size
-    plan = Plan(config, listing)
-    ingest_key = stage_key(ingest.STAGE, ingest.VERSION, {"dataset": config.dataset, "shard_size": shard_size},
-                           "pil", ingest.listing_digest(listing))
-    classifier_key = stage_key("classifier", holdout.VERSION, {"classifier": config.classifier, "shard_size": shard_size},
-                               f"torchvision:{config.classifier.arch}", ingest_key)
-    holdout_key = stage_key(holdout.STAGE, holdout.VERSION, {"holdout": config.holdout}, "sample", classifier_key)
-    for name, key in (("ingest", ingest_key), ("classifier", classifier_key), ("holdout", holdout_key)):
-        plan.stores[name] = StageStore(config.workdir, name, key)
-    return plan
+def stage_spec(config: RunConfig, name: str) -> tuple[int, Any, str]:
+    """(version, the config that changes the stage's output, backend identity) of a stage."""
+    specs: dict[str, Callable[[], tuple[int, Any, str]]] = {
+        "ingest": lambda: (ingest.VERSION, config.dataset, "pil"),
+        "classifier": lambda: (classifier.VERSION, classifier.key_config(config.classifier),
+                               classifier.classifier_identity(config.classifier)),
+        "holdout": lambda: (holdout.VERSION, config.holdout, "numpy"),
+        "caption": lambda: (caption.VERSION, config.caption, caption.captioner_identity(config.caption)),
+        "extract": lambda: (extract.VERSION, config.extract.model_dump(mode="json", exclude={"timeout", "max_retries"}),
+                            extract.extractor_identity(config.extract)),
+    }
+    return specs[name]()
 
 
-def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_size: int) -> tuple[list[Row], list[Row], dict]:
-    """Run ``shard_task(store, index, rows)`` on ``runner`` for every shard not yet committed, then read all
-    shards back in order.
+def store_for(config: RunConfig, name: str, input_digest: str) -> StageStore:
+    """The store of stage ``name`` for this config and input."""
+    return StageStore(config.workdir, name, stage_key(name, *stage_spec(config, name), input_digest))
 
-    Committed shards are not even submitted: the markers decide, not Prefect's cache.
-    """
+
+def chain(config: RunConfig, listing: list[Row]) -> Iterator[tuple[str, StageStore]]:
+    """Committed-so-far walk of the stage chain: yields each stage's store while its upstream is committed.
+
+    The caller may run a stage between two steps: the next store is computed from the committed output."""
+    input_digest = ingest.listing_digest(listing)
+    for name in STAGES:
+        store = store_for(config, name, input_digest)
+        yield name, store
+        marker = store.stage_marker()
+        if marker is None:
+            return
+        input_digest = marker["digest"]
+
+
+def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_size: int, salt: str = "",
+               **task_args) -> tuple[list[Row], list[Row], dict]:
+    """Run ``shard_task(store, index, rows, **task_args)`` on ``runner`` for every shard not yet committed,
+    then read all shards back in order. Committed shards are not even submitted: the markers decide."""
     parts = shards(rows, shard_size)
-    todo = [i for i, part in enumerate(parts) if not store.shard_is_current(i, part)]
+    todo = [i for i, part in enumerate(parts) if not store.shard_is_current(i, part, salt)]
     progress = create_progress_artifact(0.0, description=f"{store.stage}: shards committed")
-    futures = [runner.submit(shard_task, {"store": store, "index": i, "rows": parts[i]}) for i in todo]
+    futures = [runner.submit(shard_task, {"store": store, "index": i, "rows": parts[i], **task_args}) for i in todo]
     with tqdm(total=len(parts), initial=len(parts) - len(todo), desc=store.stage, unit="shard") as bar:
         for future in as_completed(futures):
             future.result()  # re-raises the shard's error
@@ -72,23 +85,37 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
     update_progress_artifact(progress, 100.0)
     out_rows: list[Row] = []
     quarantine: list[Row] = []
+    stats: dict[str, float] = {}
     for i in range(len(parts)):
         result = store.read_shard(i)
         out_rows += result.rows
         quarantine += result.quarantine
-    info = {"shards": len(parts), "shards_run": len(todo), "parts": [store.part_ref(store.shard_name(i)) for i in range(len(parts))]}
+        for key, value in result.stats.items():
+            stats[key] = stats.get(key, 0) + value
+    info = {"shards": len(parts), "shards_run": len(todo), "stats": stats, "quarantine": quarantine,
+            "rows_in": len(rows), "failures": len(quarantine),
+            "parts": [store.part_ref(store.shard_name(i)) for i in range(len(parts))]}
     return out_rows, quarantine, info
 
 
-def _publish(name: str, summary: dict[str, Any]) -> None:
-    """A one-table Prefect artifact per stage (keys must be lowercase letters, digits and dashes)."""
+def _artifact_key(config: RunConfig, name: str) -> str:
+    """Artifact keys per workdir (lowercase letters, digits, dashes), so runs of different datasets do
+    not overwrite each other's history."""
+    slug = re.sub(r"[^a-z0-9]+", "-", config.workdir.name.lower()).strip("-") or "run"
+    return f"{slug}-{digest(str(config.workdir))[:6]}-{name}"
+
+
+def _publish(config: RunConfig, name: str, summary: dict[str, Any]) -> None:
     shown = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
     create_table_artifact([{"field": k, "value": str(v)} for k, v in shown.items()],
-                          key=f"stage-{name}", description=f"ASPIRE stage {name}")
+                          key=_artifact_key(config, f"stage-{name}"), description=f"ASPIRE stage {name}")
 
 
-def run_stage(name: str, store: StageStore, force: bool, compute: Callable[[], tuple[list[Row], dict]]) -> tuple[list[Row], dict]:
-    """Reuse a committed stage output, or compute it, commit it and publish its summary."""
+def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
+              compute: Callable[[], tuple[list[Row], dict, list[str]]]) -> tuple[list[Row], dict]:
+    """Reuse a committed stage output, or compute it, commit it and publish its summary.
+
+    ``compute()`` returns (rows, summary, parts the output depends on)."""
     logger = get_run_logger()
     if force and store.root.exists():
         logger.info("%s: --force, removing %s", name, store.root)
@@ -96,47 +123,67 @@ def run_stage(name: str, store: StageStore, force: bool, compute: Callable[[], t
     marker = store.stage_marker()
     if marker is not None:
         logger.info("%s: cached (%s, %d rows)", name, store.key, marker["rows"])
-        return store.read_rows(), {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
+        summary = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
+        _publish(config, name, summary)
+        return store.read_rows(), summary
     start = time.perf_counter()
-    rows, summary = compute()
+    rows, summary, parts = compute()
     summary = {**summary, "rows_out": len(rows), "key": store.key}
-    store.commit_stage(rows, summary)
+    store.commit_stage(rows, summary, parts)
     summary = {**summary, "status": "done", "cached": False, "seconds": round(time.perf_counter() - start, 2)}
-    _publish(name, summary)
+    _publish(config, name, summary)
     logger.info("%s: done in %.1f s (%d rows)", name, summary["seconds"], len(rows))
     return rows, summary
 
 
-def _ingest(plan: Plan, runner) -> tuple[list[Row], dict]:
-    store, size = plan.stores["ingest"], plan.config.runner.shard_size
-    rows, quarantine, info = run_shards(runner, store, plan.listing, ingest.ingest_shard_task, size)
+# -- the stages ------------------------------------------------------------------------------------------
+
+
+def _ingest(config: RunConfig, runner, store: StageStore, listing: list[Row]):
+    rows, quarantine, info = run_shards(runner, store, listing, ingest.ingest_shard_task, config.runner.shard_size)
     for record in quarantine:
         get_run_logger().warning("quarantined %s: %s", record["path"], record["reason"])
-    return rows, {**info, "rows_in": len(plan.listing), "failures": len(quarantine), "quarantine": quarantine}
+    return rows, info, info["parts"]
 
 
-def _holdout(plan: Plan, runner, rows: list[Row], force: bool) -> tuple[list[Row], dict]:
-    config = plan.config
-    store = plan.stores["classifier"]
-    if force and store.root.exists():
-        shutil.rmtree(store.root)
-    trained = holdout.train_task(store, rows, config.classifier)
-    predicted, quarantine, info = run_shards(runner, store, rows, holdout.predict_shard_task, config.runner.shard_size)
-    parts = [store.part_ref(holdout.MODEL_PART), *info["parts"]]
-    store.commit_stage(predicted, {"parts": parts, "rows_in": len(rows), "rows_out": len(predicted)})
-    selected = holdout.select_holdout(predicted, config.holdout)
-    summary = {
-        "rows_in": len(rows), "failures": len(quarantine), "quarantine": quarantine,
-        "trained": not trained.get("cached", False), "epochs": trained.get("epochs"),
-        "train": sum(r["split"] == "train" for r in selected),
-        "holdout": sum(r["holdout"] for r in selected),
-        "before": holdout.evaluate(selected), "classifier_key": store.key, "predict_shards_run": info["shards_run"],
-        "parts": parts,
-    }
-    return selected, summary
+def _classifier(config: RunConfig, runner, store: StageStore, rows: list[Row]):
+    trained = classifier.train_task(store, rows, config.classifier)
+    model_digest = trained["files"][classifier.MODEL_FILE]
+    predicted, _, info = run_shards(runner, store, rows, classifier.predict_shard_task, config.runner.shard_size,
+                                    salt=model_digest, model_digest=model_digest)
+    summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
+               "final_train_acc": trained.get("final_train_acc")}
+    return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
 
 
-@flow(name="aspire", log_prints=False)
+def _holdout(config: RunConfig, runner, store: StageStore, rows: list[Row]):
+    selected = holdout.select_holdout(rows, config.holdout)
+    summary = {"rows_in": len(rows), "failures": 0, "train": sum(r["split"] == "train" for r in selected),
+               "holdout": sum(r["holdout"] for r in selected), "before": holdout.evaluate(selected)}
+    return selected, summary, []
+
+
+def _caption(config: RunConfig, runner, store: StageStore, rows: list[Row]):
+    held = [r for r in rows if r.get("holdout")]
+    captioned, _, info = run_shards(runner, store, held, caption.caption_shard_task, config.runner.shard_size,
+                                    config=config.caption)
+    seconds, n = info["stats"].get("seconds", 0.0), info["stats"].get("captioned", 0)
+    return captioned, {**info, "seconds_per_image": round(seconds / n, 4) if n else None}, info["parts"]
+
+
+def _extract(config: RunConfig, runner, store: StageStore, rows: list[Row]):
+    cache_dir = config.workdir / "cache" / "extract"
+    extracted, _, info = run_shards(runner, store, rows, extract.extract_shard_task, config.runner.shard_size,
+                                    config=config.extract, cache_dir=cache_dir)
+    info = {**info, "failures": sum(r["extract_error"] is not None for r in extracted),
+            "errors": [{"image_id": r["image_id"], "reason": r["extract_error"]} for r in extracted if r["extract_error"]]}
+    return extracted, info, info["parts"]
+
+
+COMPUTE = {"ingest": _ingest, "classifier": _classifier, "holdout": _holdout, "caption": _caption, "extract": _extract}
+
+
+@flow(name="aspire")
 def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str = STAGES[-1],
                 force: list[str] | None = None) -> dict:
     """Run the ASPIRE stages in order up to ``until``; stages in ``force`` are recomputed.
@@ -148,7 +195,8 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
         force: stage names whose committed output is discarded first.
 
     Returns:
-        The run report (also written to ``<workdir>/report.json`` and ``report.md``).
+        The run report (also written to ``<workdir>/report.json`` and ``report.md``): the stages run here,
+        plus the committed stages after ``until`` that still match.
     """
     if until not in STAGES:
         raise ValueError(f"until={until!r}: expected one of {STAGES}")
@@ -156,16 +204,21 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
     config = load_config(config_path, overrides)
     if config.synth is not None:
         ensure_benchmark(config)
-    plan = plan_run(config)
+    listing = ingest.list_dataset(config)
     summaries: dict[str, dict] = {}
+    rows = listing
     with make_task_runner(config.runner) as runner:  # one runner (thread pool or Dask cluster) per flow run
-        ingested, summaries["ingest"] = run_stage("ingest", plan.stores["ingest"], "ingest" in force,
-                                                  lambda: _ingest(plan, runner))
-        if until != "ingest":
-            _, summaries["holdout"] = run_stage("holdout", plan.stores["holdout"], "holdout" in force,
-                                                lambda: _holdout(plan, runner, ingested, "holdout" in force))
+        for name, store in chain(config, listing):
+            if STAGES.index(name) > STAGES.index(until):  # report what is committed downstream, run nothing
+                marker = store.stage_marker()
+                if marker is not None:
+                    summaries[name] = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
+                continue
+            rows, summaries[name] = run_stage(config, name, store, name in force,
+                                              lambda: COMPUTE[name](config, runner, store, rows))
     report = write_report(config.workdir, summaries)
-    create_markdown_artifact(render_markdown(report), key="aspire-report", description="ASPIRE run report")
+    create_markdown_artifact(render_markdown(report), key=_artifact_key(config, "report"),
+                             description="ASPIRE run report")
     return report
 
 
@@ -177,9 +230,8 @@ def ensure_benchmark(config: RunConfig) -> None:
     if stamp.is_file() and stamp.read_text() == wanted:
         return
     get_run_logger().info("drawing the synthetic benchmark into %s", root)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
     draw_benchmark(config.synth, tmp)
+    (tmp / ".synth-digest").write_text(wanted)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
-    stamp.write_text(wanted)

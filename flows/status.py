@@ -6,10 +6,10 @@ from aspire.cache import StageStore
 from aspire.config import RunConfig
 
 
-def _describe(store: StageStore) -> dict:
+def _describe(name: str, store: StageStore) -> dict:
     marker = store.stage_marker()
     if marker is not None:
-        return {"stage": store.stage, "status": "done", "rows": marker["rows"], "key": store.key}
+        return {"stage": name, "status": "done", "rows": marker["rows"], "key": store.key}
     committed = [p for p in sorted(store.root.glob("shard-*")) if store.read_marker(p.name) is not None]
     if committed:
         status = f"partial ({len(committed)} shards)"
@@ -17,14 +17,19 @@ def _describe(store: StageStore) -> dict:
         status = "stale (config changed)"
     else:
         status = "missing"
-    return {"stage": store.stage, "status": status, "rows": None, "key": store.key}
+    return {"stage": name, "status": status, "rows": None, "key": store.key}
 
 
 def stage_status(config: RunConfig) -> list[dict]:
-    """One line per stage store: ``{"stage", "status", "rows", "key"}`` with status done / partial (n shards) /
-    stale (outputs exist only for another config) / missing."""
-    from flows.aspire import plan_run
+    """One line per stage: ``{"stage", "status", "rows", "key"}`` with status done / partial (n shards) /
+    stale (outputs exist only for another config or input) / missing / waiting (upstream not committed)."""
+    from flows.aspire import STAGES, chain
+    from tasks.ingest import list_dataset
 
     if config.synth is not None and not (config.dataset.root / ".synth-digest").is_file():
-        return [{"stage": "benchmark", "status": "missing (drawn by the first run)", "rows": None, "key": "-"}]
-    return [_describe(store) for store in plan_run(config).stores.values()]
+        return [{"stage": name, "status": "missing (benchmark not drawn yet)", "rows": None, "key": "-"}
+                for name in STAGES]
+    lines = [_describe(name, store) for name, store in chain(config, list_dataset(config))]
+    lines += [{"stage": name, "status": "waiting (upstream not done)", "rows": None, "key": "-"}
+              for name in STAGES[len(lines):]]
+    return lines

@@ -45,7 +45,7 @@ def run_ingest(rows: list[Row], out_dir: Path) -> ShardResult:
     return ShardResult(good, bad)
 
 
-@task(name="ingest-shard", cache_policy=NO_CACHE, retries=1)
+@task(name="ingest-shard", task_run_name="ingest-shard-{index}", cache_policy=NO_CACHE, retries=1)
 def ingest_shard_task(store: StageStore, index: int, rows: list[Row]) -> dict:
     """Check one shard's images and commit it (skipped when already committed)."""
     return store.ensure_shard(index, rows, run_ingest)

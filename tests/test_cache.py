@@ -1,5 +1,8 @@
 """The cache rules: keys, atomic shard commits, skips, redo of half-written or tampered shards."""
 
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -51,7 +54,7 @@ def test_commit_then_skip_and_retarget_paths(tmp_path):
     committed = store.part_dir("shard-00000")
     assert all(Path(r["path"]).parent == committed and Path(r["path"]).read_text() == r["image_id"] for r in result.rows)
     assert result.quarantine[0]["reason"] == "test"
-    assert not list(tmp_path.rglob(".shard-*"))  # no temporary folder left behind
+    assert not list(tmp_path.rglob(".shard-*.tmp-*"))  # no temporary folder left behind
 
 
 def test_other_input_rows_are_recomputed(tmp_path):
@@ -94,19 +97,64 @@ def test_failed_shard_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="model crashed"):
         store.ensure_shard(0, ROWS[:3], boom)
     assert not store.part_dir("shard-00000").exists()
-    assert [p.name for p in store.root.iterdir()] == []
+    assert [p.name for p in store.root.iterdir()] == [".shard-00000.lock"]
 
 
-def test_stage_marker_needs_every_part(tmp_path):
+def test_stage_marker_needs_every_part_as_it_was(tmp_path):
     store = StageStore(tmp_path, "stage", "k1")
     run = Counter()
-    for i, part in enumerate(shards(ROWS, 4)):
+    parts = shards(ROWS, 4)
+    for i, part in enumerate(parts):
         store.ensure_shard(i, part, run)
-    store.commit_stage(ROWS, {"parts": [store.part_ref(store.shard_name(i)) for i in range(3)]})
+    store.commit_stage(ROWS, {}, parts=[store.part_ref(store.shard_name(i)) for i in range(3)])
     assert store.stage_marker()["rows"] == len(ROWS)
-    import shutil
-
+    store.ensure_shard(1, parts[1], run, salt="another model")  # recommitted with other content
+    assert store.stage_marker() is None
+    store.commit_stage(ROWS, {}, parts=[store.part_ref(store.shard_name(i)) for i in range(3)])
+    assert store.stage_marker() is not None
     shutil.rmtree(store.part_dir("shard-00001"))
     assert store.stage_marker() is None
+    with pytest.raises(RuntimeError, match="not committed"):
+        store.commit_stage(ROWS, {}, parts=[store.part_ref("shard-00001")])
     (store.root / "rows.jsonl").write_text("")
+    assert store.stage_marker() is None
+
+
+def test_salt_ties_a_shard_to_what_made_it(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    run = Counter()
+    store.ensure_shard(0, ROWS[:3], run, salt="model-a")
+    assert store.shard_is_current(0, ROWS[:3], salt="model-a")
+    assert not store.shard_is_current(0, ROWS[:3], salt="model-b")
+    store.ensure_shard(0, ROWS[:3], run, salt="model-b")
+    assert run.calls == 2
+
+
+def test_concurrent_writers_of_one_shard_compute_it_once(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    run = Counter()
+
+    def slow(rows, out_dir):
+        time.sleep(0.05)
+        return run(rows, out_dir)
+
+    with ThreadPoolExecutor(4) as pool:
+        markers = list(pool.map(lambda _: store.ensure_shard(0, ROWS[:3], slow), range(8)))
+    assert run.calls == 1 and sum(not m["cached"] for m in markers) == 1
+    assert len(store.read_shard(0).rows) == 3
+
+
+def test_stale_temporary_folders_are_cleaned(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    (store.root / ".shard-00000.tmp-dead").mkdir(parents=True)
+    store.ensure_shard(0, ROWS[:3], Counter())
+    assert not (store.root / ".shard-00000.tmp-dead").exists()
+
+
+def test_marker_that_is_not_a_dict_counts_as_missing(tmp_path):
+    store = StageStore(tmp_path, "stage", "k1")
+    store.ensure_shard(0, ROWS[:3], Counter())
+    (store.part_dir("shard-00000") / "DONE.json").write_text("[1, 2]")
+    assert store.read_marker("shard-00000") is None
+    (store.root / "DONE.json").write_text("7")
     assert store.stage_marker() is None

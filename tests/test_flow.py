@@ -2,6 +2,7 @@
 
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -50,6 +51,8 @@ def run_config(tmp_path) -> Path:
         "dataset": {"format": "hf-imagefolder", "root": str(root)},
         "classifier": {"arch": "small-cnn", "image_size": 32, "epochs": 2, "lr": 0.05, "batch_size": 32, "device": "cpu"},
         "holdout": {"fraction": 0.2, "seed": 0},
+        "caption": {"backend": "metadata"},
+        "extract": {"backend": "rules", "synonyms": {"dog": ["husky"]}},
         "runner": {"kind": "threads", "n_workers": 2, "shard_size": 64},
     }
     path = tmp_path / "run.yaml"
@@ -64,8 +67,6 @@ def run(config: Path, *overrides: str, **kwargs) -> dict:
 
 
 def summary(workdir: Path, stage: str) -> dict:
-    import json
-
     (key_dir,) = [p for p in (workdir / stage).iterdir() if (p / "DONE.json").is_file()]
     return json.loads((key_dir / "DONE.json").read_text())["summary"]
 
@@ -87,27 +88,33 @@ def test_flow_quarantines_caches_and_recomputes_exactly_what_changed(run_config,
     report = run(run_config)
     assert all(stage["cached"] for stage in report["stages"].values())
 
-    # 3. one prediction shard deleted: exactly that shard is recomputed, the model is not retrained
+    # 3. one prediction shard deleted: exactly that shard is recomputed, the model is not retrained, and
+    #    as the predictions come out the same, nothing downstream reruns
     classifier_dir = next((workdir / "classifier").iterdir())
     shutil.rmtree(classifier_dir / "shard-00001")
     report = run(run_config)
-    assert report["stages"]["ingest"]["cached"] and not report["stages"]["holdout"]["cached"]
-    assert summary(workdir, "holdout")["predict_shards_run"] == 1
-    assert summary(workdir, "holdout")["trained"] is False
+    assert report["stages"]["ingest"]["cached"] and not report["stages"]["classifier"]["cached"]
+    assert summary(workdir, "classifier")["shards_run"] == 1 and summary(workdir, "classifier")["trained"] is False
+    assert report["stages"]["holdout"]["cached"] and report["stages"]["extract"]["cached"]
 
     # 4. one ingest shard half-written (marker gone): only it is redone, downstream stays cached
     ingest_dir = next((workdir / "ingest").iterdir())
     (ingest_dir / "shard-00002" / "DONE.json").unlink()
     report = run(run_config)
     assert summary(workdir, "ingest")["shards_run"] == 1
-    assert report["stages"]["holdout"]["cached"]
+    assert report["stages"]["classifier"]["cached"]
 
-    # 5. a holdout-only change reselects without retraining or predicting; a classifier change retrains
+    # 5. a holdout-only change reselects and recaptions without retraining; a classifier change retrains
     report = run(run_config, "holdout.fraction=0.5")
-    assert not report["stages"]["holdout"]["cached"] and report["stages"]["ingest"]["cached"]
-    assert len(list((workdir / "classifier").iterdir())) == 1
+    assert not report["stages"]["holdout"]["cached"] and report["stages"]["classifier"]["cached"]
+    assert not report["stages"]["caption"]["cached"]
     report = run(run_config, "classifier.epochs=1")
-    assert len(list((workdir / "classifier").iterdir())) == 2
+    assert len(list((workdir / "classifier").iterdir())) == 2 and report["stages"]["ingest"]["cached"]
+    # 6. a new shard size is an execution choice: nothing is retrained, the results are the same
+    model_markers = {p: p.stat().st_mtime_ns for p in workdir.glob("classifier/*/model/DONE.json")}
+    resharded = run(run_config, "classifier.epochs=1", "runner.shard_size=50")
+    assert {p: p.stat().st_mtime_ns for p in workdir.glob("classifier/*/model/DONE.json")} == model_markers
+    assert resharded["before"] == report["before"] and resharded["counts"] == report["counts"]
 
 
 def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
@@ -121,16 +128,16 @@ def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
     assert result.exit_code == 0, result.output
     assert "worst-group accuracy" in result.output and "quarantined 3 images" in result.output
     result = runner.invoke(app, ["status", str(run_config)])
-    assert [line.split()[1] for line in result.output.splitlines()] == ["done", "done", "done"]
+    assert [line.split()[1] for line in result.output.splitlines()] == ["done", "done", "done", "missing", "waiting"]
 
     model = next((tmp_path / "run" / "classifier").iterdir()) / "model" / "DONE.json"
     before = model.stat().st_mtime_ns
-    result = runner.invoke(app, ["stage", "holdout", str(run_config), "--force"])
+    result = runner.invoke(app, ["stage", "classifier", str(run_config), "--force"])
     assert result.exit_code == 0, result.output
     assert model.stat().st_mtime_ns != before  # retrained
 
     result = runner.invoke(app, ["status", str(run_config), "--set", "holdout.fraction=0.9"])
-    assert "stale" in result.output.splitlines()[-1]
+    assert "stale" in result.output.splitlines()[2] and result.output.splitlines()[2].startswith("holdout")
     result = runner.invoke(app, ["run", str(run_config), "--set", "holdout.fraction=2"])
     assert result.exit_code == 2 and "holdout.fraction = 2" in result.output
 

@@ -56,7 +56,7 @@ def test_rows_are_a_valid_manifest(drawn: tuple[SynthConfig, Path, list[Row]]) -
         assert Path(row["path"]).parent == out / row["split"] / row["class_name"]
         assert row["source"] == "synthetic"
         assert row["class_name"] == config.classes[row["label"]].name
-        assert row["group"] == group_index(config, row["label"], row["background"], row["has_object"])
+        assert row["group"] == group_index(config, row["label"], row["scene"], row["has_object"])
         assert row["group_name"] == group_names(config)[row["group"]]
         planted = config.classes[row["label"]].object
         assert row["objects"] == ([planted] if row["has_object"] else [])
@@ -71,13 +71,13 @@ def test_train_planted_statistics(drawn: tuple[SynthConfig, Path, list[Row]]) ->
         train = [r for r in rows if r["split"] == "train" and r["label"] == label]
         assert len(train) == n
         for strength, hits in (
-            (config.background_strength, sum(r["background"] == spec.background for r in train)),
+            (config.background_strength, sum(r["scene"] == spec.background for r in train)),
             (config.object_strength, sum(r["has_object"] for r in train)),
         ):
             tolerance = 4 * math.sqrt(strength * (1 - strength) / n) + 1 / n
             assert abs(hits / n - strength) <= tolerance, (spec.name, hits, n, strength)
         # Off-planted images use the other backgrounds, never the planted one.
-        others = {r["background"] for r in train if r["background"] != spec.background}
+        others = {r["scene"] for r in train if r["scene"] != spec.background}
         assert others <= {b.name for b in config.backgrounds} - {spec.background}
 
 
@@ -87,7 +87,7 @@ def test_strength_one_and_zero(tmp_path: Path) -> None:
         val_per_group=1, test_per_group=1,
     )
     rows = [r for r in draw_benchmark(config, tmp_path) if r["split"] == "train"]
-    assert all(r["background"] == config.classes[r["label"]].background for r in rows)
+    assert all(r["scene"] == config.classes[r["label"]].background for r in rows)
     assert not any(r["has_object"] for r in rows)
 
 
@@ -95,7 +95,7 @@ def test_val_test_groups_exactly_balanced(drawn: tuple[SynthConfig, Path, list[R
     config, _, rows = drawn
     for split, per_group in (("val", config.val_per_group), ("test", config.test_per_group)):
         counts = Counter(
-            (r["class_name"], r["background"], r["has_object"]) for r in rows if r["split"] == split
+            (r["class_name"], r["scene"], r["has_object"]) for r in rows if r["split"] == split
         )
         expected = {
             (c.name, b.name, has): per_group
@@ -141,7 +141,7 @@ def test_captions_vary_and_name_the_background(drawn: tuple[SynthConfig, Path, l
         assert len(wordings) >= 2, (spec.name, wordings)
         for row in class_rows:
             caption = row["caption"]
-            assert any(caption.endswith(" " + w) for w in backgrounds[row["background"]].words), caption
+            assert any(caption.endswith(" " + w) for w in backgrounds[row["scene"]].words), caption
             mentions_object = any(w in caption for w in objects[spec.object].words)
             assert mentions_object == row["has_object"], caption
     assert len({r["caption"] for r in rows}) > 50

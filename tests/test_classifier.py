@@ -1,4 +1,4 @@
-"""Classifier building/training/prediction and the holdout stage's pure functions (CPU, tiny data)."""
+"""Classifier building/training/prediction (aspire.classifier, tasks.classifier) and the holdout selection."""
 
 from pathlib import Path
 
@@ -9,7 +9,9 @@ from PIL import Image
 
 from aspire.classifier import build_model, load_model, predict_images, save_model, train_erm
 from aspire.config import ClassifierConfig, HoldoutConfig
-from tasks.holdout import evaluate, run_predict, select_holdout, train_classifier
+from aspire.cache import file_digest
+from tasks.classifier import load_classifier, run_predict, train_classifier
+from tasks.holdout import evaluate, select_holdout
 
 CPU = dict(device="cpu", image_size=16, batch_size=8)
 
@@ -94,7 +96,10 @@ def test_train_predict_and_select_holdout(tmp_path):
     assert saved_config == config and names == ["red", "blue"]
 
     missing = {**rows[0], "image_id": "gone", "path": str(tmp_path / "gone.png")}
-    result = run_predict(rows + [missing], out / "model.pt")
+    model_digest = file_digest(out / "model.pt")
+    result = run_predict(rows + [missing], out / "model.pt", model_digest)
+    assert load_classifier(out / "model.pt", model_digest) is load_classifier(out / "model.pt", model_digest)
+    assert load_classifier(out / "model.pt", "retrained") is not load_classifier(out / "model.pt", model_digest)
     assert [q["image_id"] for q in result.quarantine] == ["gone"] and "missing" in result.quarantine[0]["reason"]
     assert all(r["correct"] == (r["pred"] == r["label"]) for r in result.rows)
 

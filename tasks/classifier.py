@@ -1,0 +1,115 @@
+"""Stage ``classifier`` (first half of ASPIRE step 1): train the ERM classifier and predict every image.
+
+ASPIRE Sec. 2(1) and 3 (https://arxiv.org/abs/2308.10103): a standard ERM model (SGD, lr 1e-3, weight decay
+1e-4). Its predictions feed the ``holdout`` stage (which train images it gets right) and the report's
+``before`` block (val/test accuracy). The model is one committed part; each prediction shard records the
+model's digest, so a retrained model never mixes with old predictions.
+
+Columns added: ``pred`` (int), ``pred_conf`` (float), ``correct`` (bool).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import torch
+import torchvision
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from aspire.cache import ShardResult, StageStore, file_digest
+from aspire.classifier import build_model, load_model, predict_images, save_model, train_erm
+from aspire.config import ClassifierConfig
+from aspire.images import ImageError, load_rgb
+from aspire.manifest import Row, class_names
+
+log = logging.getLogger(__name__)
+
+STAGE = "classifier"
+VERSION = 1
+MODEL_PART = "model"
+MODEL_FILE = "model.pt"
+
+
+def classifier_identity(config: ClassifierConfig) -> str:
+    """What the trained model depends on besides the config: library versions and the starting weights."""
+    weights = config.weights
+    if weights not in (None, "imagenet") and Path(weights).is_file():
+        weights = f"{Path(weights).name}@{file_digest(Path(weights))}"
+    return f"torch {torch.__version__}, torchvision {torchvision.__version__}, weights {weights}"
+
+
+def key_config(config: ClassifierConfig) -> dict:
+    """The fields that change the trained model (device and loader workers do not)."""
+    return config.model_dump(mode="json", exclude={"device", "num_workers"})
+
+
+def train_classifier(rows: list[Row], config: ClassifierConfig, out_dir: Path, checkpoint: Path) -> dict:
+    """Train ERM on the ``train`` rows and save ``model.pt`` and ``history.json`` into ``out_dir``.
+
+    Raises:
+        ValueError: there are no training rows, or fewer than two classes.
+    """
+    train = [r for r in rows if r["split"] == "train"]
+    if not train:
+        raise ValueError("classifier: the manifest has no rows with split='train' to train on")
+    names = class_names(rows)
+    model = build_model(config, len(names))
+    history = train_erm(model, train, config, checkpoint=checkpoint)
+    save_model(model, out_dir / MODEL_FILE, config, names)
+    (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+    return {"epochs": len(history), "final_train_acc": history[-1]["train_acc"], "classes": names}
+
+
+_models: dict[tuple[str, str], tuple] = {}
+_models_lock = threading.Lock()
+
+
+def load_classifier(path: Path, model_digest: str):
+    """Load a saved classifier once per worker process; a retrained model (new digest) replaces the old."""
+    with _models_lock:
+        key = (str(path), model_digest)
+        if key not in _models:
+            for old in [k for k in _models if k[0] == str(path)]:
+                del _models[old]
+            _models[key] = load_model(path)
+        return _models[key]
+
+
+def run_predict(rows: list[Row], model_path: Path, model_digest: str) -> ShardResult:
+    """Predict every row's image; rows whose image no longer loads are quarantined with the reason."""
+    model, config, _ = load_classifier(model_path, model_digest)
+    kept, images, quarantine = [], [], []
+    for row in rows:
+        try:
+            images.append(load_rgb(row["path"]))
+            kept.append(row)
+        except ImageError as exc:
+            quarantine.append({"image_id": row["image_id"], "path": row["path"], "reason": exc.reason})
+    preds, confs = predict_images(model, images, config.image_size, config.batch_size, config.device)
+    out = [
+        {**row, "pred": p, "pred_conf": round(c, 6), "correct": p == row["label"]}
+        for row, p, c in zip(kept, preds, confs)
+    ]
+    return ShardResult(out, quarantine, {"predicted": len(out)})
+
+
+@task(name="train-classifier", tags=["gpu"], cache_policy=NO_CACHE)
+def train_task(store: StageStore, rows: list[Row], config: ClassifierConfig) -> dict:
+    """Train and commit the model part (skipped when committed; resumes from the last epoch after a kill)."""
+    checkpoint = store.root / "train-checkpoint.pt"
+    marker = store.ensure_part(MODEL_PART, lambda tmp: train_classifier(rows, config, tmp, checkpoint),
+                               checked_files=(MODEL_FILE,))
+    checkpoint.unlink(missing_ok=True)
+    return marker
+
+
+@task(name="predict-shard", task_run_name="predict-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
+def predict_shard_task(store: StageStore, index: int, rows: list[Row], model_digest: str) -> dict:
+    """Predict one shard with the committed model and commit it (skipped when already committed)."""
+    model_path = store.part_dir(MODEL_PART) / MODEL_FILE
+    return store.ensure_shard(index, rows, lambda shard_rows, _: run_predict(shard_rows, model_path, model_digest),
+                              salt=model_digest)

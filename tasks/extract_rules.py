@@ -1,0 +1,145 @@
+"""The ``rules`` extraction backend: offline, no network, no downloaded data.
+
+A shallow version of the "traditional NLP" route of ASPIRE Appendix A.3, without a tagger (nltk's taggers
+need data that PyPI does not carry): the caption is tokenised (Treebank), cut into noun phrases at function
+words, verbs and prepositions, and each phrase is tagged by the preposition that introduced it. A phrase
+after a scene preposition (on/in/at/by/near/under ...) whose words name a scene (``prompts/background_words.txt``)
+is a background; the last one is the predominant background and earlier ones are foreground objects. The
+alternative background comes from the contrast table ``prompts/alt_backgrounds.tsv``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from nltk.stem import PorterStemmer
+from nltk.tokenize import TreebankWordTokenizer
+
+from aspire.config import ExtractConfig
+from aspire.manifest import digest
+from tasks.extract import BatchResult, ExtractItem, Extraction, prompt_file
+
+SCENE_PREPOSITIONS = {"in", "on", "at", "by", "near", "under", "underneath", "beneath", "inside", "outside",
+                      "over", "across", "along", "against", "through", "atop", "among", "around", "above"}
+OBJECT_PREPOSITIONS = {"with", "beside", "behind", "holding", "carrying", "and", "or", "of", "to", "from", "for",
+                       "into", "onto", "toward", "towards", "while", "as", "like", "without", "between"}
+MULTIWORD = {("next", "to"): "beside", ("in", "front", "of"): "beside", ("on", "top", "of"): "on",
+             ("close", "to"): "beside", ("in", "the", "middle", "of"): "in"}
+DETERMINERS = {"a", "an", "the", "some", "this", "that", "these", "those", "his", "her", "their", "its", "my",
+               "our", "your", "another", "other", "each", "every"}
+VERBS = {"is", "are", "was", "were", "be", "been", "being", "has", "have", "had", "sits", "stands", "lies",
+         "looks", "walks", "runs", "flies", "swims", "rides", "plays", "holds", "can", "there", "who", "which",
+         "that", "what", "it", "they", "he", "she", "very", "up", "down", "out", "off", "together"}
+ING_NOUNS = {"building", "ceiling", "painting", "clothing", "ring", "wing", "swing", "thing", "morning", "evening",
+             "string", "railing", "awning", "spring", "king", "sibling", "pudding", "stuffing", "icing", "wedding",
+             "landing", "clearing", "parking", "sing", "bring"}
+META_PREFIX = re.compile(r"\b(?:an? |the )?(?:close[- ]?up|photo|photograph|picture|image|view|shot|drawing) of\b")
+ED_NOUNS = {"bread", "thread", "seabed", "flowerbed", "riverbed", "sacred", "hundred", "naked"}
+COLLECTIVES = {"flock", "group", "team", "herd", "pack", "pair", "couple", "bunch", "pile", "row", "crowd",
+               "school", "swarm", "set", "lot", "lots", "stack", "line", "bowl", "plate", "cup", "glass", "box"}
+
+_stemmer = PorterStemmer()
+_tokenizer = TreebankWordTokenizer()
+
+
+def _read_list(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _is_verb(word: str) -> bool:
+    return word in VERBS or (word.endswith("ing") and word not in ING_NOUNS and len(word) > 4)
+
+
+def rules_identity(config: ExtractConfig) -> str:
+    """The rules version and the digest of the word lists they read."""
+    words = prompt_file("background_words.txt").read_text()
+    return f"rules:v1:{digest([words, prompt_file(config.alternatives).read_text()])}"
+
+
+def _is_participle(word: str) -> bool:
+    """A trailing verb form such as "parked" or "covered" (but not "sled", "bed", "red" or "bread")."""
+    return word.endswith("ed") and len(word) > 4 and word not in ED_NOUNS
+
+
+class RulesExtractor:
+    """Noun phrases as foreground, the scene phrase as background, an alternative from a contrast table."""
+
+    def __init__(self, config: ExtractConfig) -> None:
+        words_file = prompt_file("background_words.txt")
+        alt_file = prompt_file(config.alternatives)
+        self.scene_stems = {_stemmer.stem(w) for w in _read_list(words_file)}
+        self.alternatives: list[tuple[str, str]] = []
+        for line in _read_list(alt_file):
+            head, _, alt = line.partition("\t")
+            if not alt:
+                raise ValueError(f"{alt_file}: line {line!r} needs 'background<TAB>alternative'")
+            self.alternatives.append((head.strip(), alt.strip()))
+        self.identity = rules_identity(config)
+
+    # 1. tokens -> (preposition, phrase words) chunks
+    def chunks(self, caption: str) -> list[tuple[str | None, list[str]]]:
+        text = META_PREFIX.sub(" ", caption.lower()).replace("-", " - ")
+        tokens = [t for t in _tokenizer.tokenize(text) if t != "-"]
+        out: list[tuple[str | None, list[str]]] = []
+        preposition: str | None = None
+        current: list[str] = []
+        i = 0
+        while i < len(tokens):
+            multi = next((m for m in MULTIWORD if tuple(tokens[i : i + len(m)]) == m), None)
+            word = tokens[i]
+            if multi or word in SCENE_PREPOSITIONS or word in OBJECT_PREPOSITIONS or _is_verb(word) \
+                    or not re.match(r"^[a-z0-9']+$", word):
+                if word == "of" and current and current[-1] in COLLECTIVES:  # "a flock of birds"
+                    current.append(word)
+                    i += 1
+                    continue
+                if current:
+                    out.append((preposition, current))
+                    current = []
+                if multi:
+                    preposition, i = MULTIWORD[multi], i + len(multi)
+                    continue
+                if word in SCENE_PREPOSITIONS or word in OBJECT_PREPOSITIONS:
+                    preposition = word
+            elif word not in DETERMINERS:
+                current.append(word)
+            i += 1
+        if current:
+            out.append((preposition, current))
+        return out
+
+    # 2. chunks -> foreground / background / alt
+    def extract_one(self, caption: str) -> Extraction:
+        foreground: list[str] = []
+        scenes: list[str] = []
+        for preposition, words in self.chunks(caption):
+            while words and _is_participle(words[-1]):  # "a car parked" -> "car"
+                words = words[:-1]
+            phrase = " ".join(words).replace(" 's", "'s")
+            if not phrase:
+                continue
+            is_scene = preposition in SCENE_PREPOSITIONS and any(_stemmer.stem(w) in self.scene_stems for w in words)
+            if is_scene:
+                scenes.append(phrase)
+            elif phrase not in foreground:
+                foreground.append(phrase)
+        # captions go from the specific to the general ("on a bed in a bedroom"): the last scene phrase is
+        # the predominant background, earlier ones are things in it
+        background = scenes[-1] if scenes else ""
+        foreground += [p for p in scenes[:-1] if p not in foreground]
+        return Extraction(foreground=foreground, background=background, alt=self.alternative(background))
+
+    def alternative(self, background: str) -> str:
+        """The contrast table's alternative for the first word of ``background`` it knows ("*" otherwise)."""
+        if not background:
+            return ""
+        words = background.split()
+        for word in words:
+            for head, alt in self.alternatives:
+                if head == word or _stemmer.stem(head) == _stemmer.stem(word):
+                    return alt
+        return next((alt for head, alt in self.alternatives if head == "*"), "")
+
+    def extract(self, items: list[ExtractItem]) -> BatchResult:
+        return BatchResult(extractions={item.id: self.extract_one(item.caption) for item in items})
