@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 import pytest
+from fake_openai import FakeOpenAI, Reply, chat, correct, entry, error, items_of, running_fake_openai
 
 from aspire.config import ExtractConfig
 from tasks.extract import CaptionCache, ExtractItem, run_extract
@@ -25,111 +22,13 @@ SECRET = "sk-test-SECRET-123"
 KEY_ENV = "ASPIRE_TEST_OPENAI_KEY"
 
 
-@dataclass
-class Reply:
-    """What the fake server sends back: a status, headers, a JSON body, after an optional stall."""
-
-    status: int = 200
-    body: dict = field(default_factory=dict)
-    headers: dict = field(default_factory=dict)
-    stall: float = 0.0
-
-
-def entry(item: dict, foreground: list[str] | None = None) -> dict:
-    return {"id": item["id"], "foreground": foreground or [f"thing {item['id']}"], "background": ["snow"],
-            "alt": ["desert"]}
-
-
-def chat(content: str) -> Reply:
-    """A chat completion carrying ``content``, with fixed token counts (10 + 5)."""
-    return Reply(body={"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "fake-model",
-                       "choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": content}}],
-                       "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
-
-
-def correct(items: list[dict], body: dict) -> Reply:
-    return chat(json.dumps({"results": [entry(i) for i in reversed(items)]}))
-
-
-def error(status: int, message: str, **headers: str) -> Reply:
-    return Reply(status=status, body={"error": {"message": message, "type": "error", "code": None}}, headers=headers)
-
-
-Behaviour = Callable[[list[dict], dict], Reply]
-
-
-class FakeOpenAI:
-    """The script and the record of one fake server."""
-
-    def __init__(self) -> None:
-        self.script: list[Behaviour] = []  # consumed one per request; then ``default``
-        self.default: Behaviour = correct
-        self.bodies: list[dict] = []
-        self.auth: list[str] = []
-        self.release = threading.Event()  # ends stalls at teardown
-        self.lock = threading.Lock()
-        self.url = ""
-
-    @property
-    def count(self) -> int:
-        return len(self.bodies)
-
-    def asked(self, n: int) -> list[str]:
-        """The item ids of the n-th request."""
-        return [i["id"] for i in items_of(self.bodies[n])]
-
-    def handle(self, headers, body: dict) -> Reply:
-        with self.lock:
-            self.bodies.append(body)
-            self.auth.append(headers.get("Authorization", ""))
-            behaviour = self.script.pop(0) if self.script else self.default
-        return behaviour(items_of(body), body)
-
-
-def items_of(body: dict) -> list[dict]:
-    last_user = [m for m in body["messages"] if m["role"] == "user"][-1]
-    return json.loads(last_user["content"].splitlines()[-1])
-
-
-class Handler(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        fake: FakeOpenAI = self.server.fake  # type: ignore[attr-defined]
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        reply = fake.handle(self.headers, body) if self.path == "/v1/chat/completions" else error(404, "no")
-        if reply.stall:
-            fake.release.wait(reply.stall)
-        data = json.dumps(reply.body).encode()
-        try:
-            self.send_response(reply.status)
-            for name, value in {"Content-Type": "application/json", **reply.headers}.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:  # the client gave up (timeout test)
-            pass
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def server(monkeypatch):
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(KEY_ENV, SECRET)
-    fake = FakeOpenAI()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    httpd.fake = fake  # type: ignore[attr-defined]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    fake.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield fake
-    fake.release.set()
-    httpd.shutdown()
-    httpd.server_close()
+    with running_fake_openai() as fake:
+        yield fake
 
 
 def config(fake: FakeOpenAI, **overrides) -> ExtractConfig:

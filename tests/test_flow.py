@@ -2,6 +2,7 @@
 
 import csv
 import io
+import logging
 import json
 import os
 import shutil
@@ -172,3 +173,30 @@ def test_serve_creates_a_scheduled_deployment_that_prefect_deployment_run_trigge
     finally:
         serve.terminate()
         serve.wait(timeout=30)
+
+
+def test_openai_key_never_reaches_run_folder_logs_artifacts_or_parameters(run_config, tmp_path, monkeypatch, caplog):
+    from fake_openai import running_fake_openai
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    secret = "sk-flow-SECRET-987"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    with running_fake_openai() as fake:
+        overrides = ["extract.backend=openai", f"extract.base_url={fake.url}", "extract.model=fake-model"]
+        report = run(run_config, *overrides)
+        assert fake.count > 0 and fake.auth[0] == f"Bearer {secret}"  # the key was really used
+        assert report["counts"]["extracted"] == report["counts"]["captions"] > 0
+        sent = fake.count
+        run(run_config, *overrides, force=["extract"])  # a recomputed stage is served by the per-caption cache
+        assert fake.count == sent
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in caplog.text
+    api = PREFECT_API_URL.value()  # what the Prefect UI shows: flow-run parameters and artifacts, via its API
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200, "offset": 0}).raise_for_status().json()
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 200, "offset": 0}).raise_for_status().json()
+    assert runs and artifacts
+    assert secret not in json.dumps(runs) and secret not in json.dumps(artifacts)
