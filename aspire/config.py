@@ -32,7 +32,7 @@ class DatasetConfig(Section):
     """Where the images are and how to read them into a manifest."""
 
     format: DatasetFormat = Field(description="Reader: imagefolder, hf-imagefolder, waterbirds, celeba, spuco.")
-    root: Path = Field(description="Dataset root folder (relative paths are taken from the config file's folder).")
+    root: Path = Field(description="Dataset root folder (relative paths are taken from the current directory).")
     target_attr: str = Field("Blond_Hair", description="CelebA: attribute used as the class label.")
     spurious_attr: str = Field("Male", description="CelebA: attribute that defines the spurious group.")
     val_fraction: float = Field(
@@ -111,6 +111,54 @@ class ExtractConfig(Section):
     )
 
 
+class RemoveConfig(Section):
+    """ASPIRE step 4a: ground each foreground phrase, segment it, dilate, inpaint, re-classify (Sec. 2(4.a), App. D)."""
+
+    ground: Literal["groundingdino", "hf-grounding-dino", "annotations"] = Field(
+        "groundingdino", description="Grounder: groundingdino (groundingdino-py), hf-grounding-dino (transformers), "
+        "annotations (the manifest's boxes column).")
+    ground_model: str = Field("IDEA-Research/grounding-dino-base", description="hf-grounding-dino: hub id or local folder.")
+    groundingdino_config: Path | None = Field(None, description="groundingdino: the model's python config file (e.g. GroundingDINO_SwinT_OGC.py).")
+    groundingdino_checkpoint: Path | None = Field(None, description="groundingdino: the checkpoint (.pth).")
+    text_encoder: str = Field("bert-base-uncased", description="groundingdino: BERT text encoder, hub id or local folder (offline use).")
+    box_threshold: float = Field(0.3, ge=0, le=1, description="Grounding: minimum box score.")
+    text_threshold: float = Field(0.25, ge=0, le=1, description="Grounding: minimum phrase-token score.")
+    segment: Literal["sam", "hf-sam", "box", "grabcut"] = Field(
+        "sam", description="Segmenter: sam (segment-anything), hf-sam (transformers), box (the box itself), grabcut (OpenCV).")
+    sam_checkpoint: Path | None = Field(None, description="sam: segment-anything checkpoint (sam_vit_h_4b8939.pth, ...).")
+    sam_model_type: Literal["vit_h", "vit_l", "vit_b"] = Field("vit_h", description="sam: architecture of the checkpoint.")
+    hf_sam_model: str = Field("facebook/sam-vit-huge", description="hf-sam: hub id or local folder.")
+    inpaint: Literal["lama", "opencv"] = Field("lama", description="Inpainter: lama (simple-lama-inpainting, LAMA_MODEL) or opencv.")
+    opencv_method: Literal["telea", "ns"] = Field("telea", description="opencv: Telea or Navier-Stokes inpainting.")
+    dilate: int = Field(15, ge=0, description="Mask dilation kernel size in pixels (0: none); Hard-Spurious-ImageNet App. C uses 15.")
+    min_box_fraction: float = Field(0.001, ge=0, lt=1, description="Boxes smaller than this fraction of the image are skipped.")
+    max_mask_fraction: float = Field(0.9, gt=0, le=1, description="Masks covering more than this fraction are skipped (whole image).")
+    max_side: int = Field(1024, ge=64, description="Images with a longer side are downscaled to it before editing.")
+    batch_size: int = Field(8, ge=1, description="Images per inpainting / re-classification batch.")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', ...")
+    save_all: bool = Field(False, description="Also save edits that did not flip the prediction (for inspection).")
+
+
+class BackgroundConfig(Section):
+    """ASPIRE step 4b: change the background to the alternative one, re-classify (Sec. 2(4.b), A.6)."""
+
+    backend: Literal["instruct-pix2pix", "composite"] = Field(
+        "instruct-pix2pix", description="instruct-pix2pix (diffusers) or composite (paste the foreground on a background bank image).")
+    model: str = Field("timbrooks/instruct-pix2pix", description="instruct-pix2pix: hub id or local folder.")
+    prompt: str = Field("background_prompt.txt", description="Prompt template file in prompts/ ({background}, {alt}).")
+    text_cfg: float = Field(7.5, ge=1, description="instruct-pix2pix: text guidance scale (ASPIRE: 7.5).")
+    image_cfg: float = Field(1.5, ge=1, description="instruct-pix2pix: image guidance scale (ASPIRE: 1.5).")
+    steps: int = Field(50, ge=1, description="instruct-pix2pix: denoising steps.")
+    scheduler: str | None = Field(None, description="instruct-pix2pix: diffusers scheduler class name (default: the model's).")
+    resolution: int = Field(512, ge=32, description="instruct-pix2pix: images are resized to this (multiple of 8).")
+    batch_size: int = Field(4, ge=1, description="Images per pipeline call.")
+    dtype: Literal["auto", "float32", "float16"] = Field("auto", description="auto: float16 on GPU, float32 on CPU.")
+    safety_checker: bool = Field(True, description="instruct-pix2pix: run the safety checker when the model has one.")
+    seed: int = Field(0, description="Seed; each image gets its own generator seeded from this and its id.")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', ...")
+    bank: Path | None = Field(None, description="composite: folder with one sub-folder of images per background name.")
+
+
 class CollapseConfig(Section):
     """Top-k selection: collapse near-identical phrases, keep the k most frequent groups per class (Sec. 2, Table 4)."""
 
@@ -143,6 +191,8 @@ class RunConfig(Section):
     holdout: HoldoutConfig = HoldoutConfig()
     caption: CaptionConfig = CaptionConfig()
     extract: ExtractConfig = ExtractConfig()
+    remove: RemoveConfig = RemoveConfig()
+    background: BackgroundConfig = BackgroundConfig()
     collapse: CollapseConfig = CollapseConfig()
     runner: RunnerConfig = RunnerConfig()
 
@@ -181,26 +231,29 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def format_validation_error(error: ValidationError, source: str, data: dict[str, Any]) -> str:
+def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem: ``<file>: key.path = value: what was expected``."""
     lines = [f"{source}: invalid config"]
     for problem in error.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        value: Any = data
-        for p in problem["loc"]:
-            value = value.get(p, "<missing>") if isinstance(value, dict) else "<missing>"
-        shown = "<missing>" if problem["type"] == "missing" else repr(value)
+        shown = "<missing>" if problem["type"] == "missing" else repr(problem.get("input"))
         lines.append(f"  {key} = {shown}: {problem['msg']}")
     return "\n".join(lines)
 
 
+PATH_KEYS = ("workdir", "dataset.root", "background.bank", "remove.groundingdino_config",
+             "remove.groundingdino_checkpoint", "remove.sam_checkpoint", "collapse.glove_path")
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Make ``workdir`` and ``dataset.root`` absolute, relative to ``base`` (the config file's folder)."""
-    if isinstance(data.get("workdir"), str):
-        data["workdir"] = str((base / data["workdir"]).resolve())
-    dataset = data.get("dataset")
-    if isinstance(dataset, dict) and isinstance(dataset.get("root"), str):
-        dataset["root"] = str((base / dataset["root"]).resolve())
+    """Make the file and folder keys (``PATH_KEYS``) absolute, relative to ``base``."""
+    for dotted in PATH_KEYS:
+        *sections, key = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = str((base / node[key]).resolve())
     return data
 
 
@@ -229,4 +282,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None, base: Path
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path), data)) from exc
+        raise ConfigError(format_validation_error(exc, str(path))) from exc

@@ -38,9 +38,16 @@ def normalize_phrase(phrase: str) -> str:
     return " ".join(kept or words)
 
 
+def _stem(word: str) -> str:
+    """Porter stem, with the adjective "-y" folded into its noun ("snowy" -> "snow", "sandy" -> "sand"), so that
+    "snow" and "snowy mountain" share a root word as the paper intends (Sec. 2, "Top-k selection")."""
+    stem = _stemmer.stem(word)
+    return stem[:-1] if stem.endswith("i") and len(stem) > 3 else stem
+
+
 def phrase_root(phrase: str) -> str:
     """The stemmed normal form: "two dogs" and "dog" share the root "dog"."""
-    return " ".join(_stemmer.stem(w) for w in normalize_phrase(phrase).split())
+    return " ".join(_stem(w) for w in normalize_phrase(phrase).split())
 
 
 class Embedder(Protocol):
@@ -158,13 +165,14 @@ def link_matrix(texts: list[str], embedder: Embedder, threshold: float,
     Returns:
         ``(linked, strength)``: boolean and float (N, N) matrices; strength is the larger of the cosines.
     """
+    tolerance = 1e-6  # "small boat" vs "yellow boat" is exactly 0.5 on paper, 0.49999997 in float32
     bow = BowEmbedder().embed(texts)
     lexical = bow @ bow.T
     if isinstance(embedder, BowEmbedder):
-        return lexical >= threshold, lexical
+        return lexical >= threshold - tolerance, lexical
     vectors = embedder.embed(texts)
     semantic = vectors @ vectors.T
-    return (lexical >= lexical_threshold) | (semantic >= threshold), np.maximum(lexical, semantic)
+    return (lexical >= lexical_threshold - tolerance) | (semantic >= threshold - tolerance), np.maximum(lexical, semantic)
 
 
 def collapse_phrases(phrases: Iterable[str], embedder: Embedder, threshold: float,

@@ -1,4 +1,5 @@
-"""The run report: ``<workdir>/report.json`` (keys from ARCHITECTURE.md) and a readable ``report.md``."""
+"""The run report: ``<workdir>/report.json`` (keys from ARCHITECTURE.md) and a readable ``report.md`` with an
+image grid of originals beside their prediction-flipping edits."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, ImageDraw
+
+from aspire.manifest import Row
+
 STAGE_FIELDS = ("status", "seconds", "cached", "rows_in", "rows_out", "failures")
+GRID_FILE = "edits.png"
 
 
 def _accuracy_block(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -17,21 +23,30 @@ def _accuracy_block(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Report dict from the stage summaries (stages that did not run are absent)."""
+    """Report dict from the stage summaries (stages that did not run are absent or None)."""
     quarantine = [q for s in summaries.values() for q in s.get("quarantine", [])]
     holdout = summaries.get("holdout", {})
     before = holdout.get("before", {})
+    edits = [summaries[s] for s in ("remove", "background") if s in summaries]
+    collapse = summaries.get("collapse", {})
     counts = {
         "train": holdout.get("train"),
         "holdout": holdout.get("holdout"),
         "captions": summaries.get("caption", {}).get("rows_out"),
         "extracted": (summaries["extract"]["rows_out"] - summaries["extract"]["failures"]
                       if "extract" in summaries else None),
+        "edits_tried": sum(e.get("edits_tried", 0) for e in edits) if edits else None,
+        "edits_kept": sum(e.get("edits_kept", 0) for e in edits) if edits else None,
         "quarantined": len(quarantine),
     }
     return {
         "stages": {name: {k: s.get(k) for k in STAGE_FIELDS} for name, s in summaries.items()},
         "counts": counts,
+        "spurious": collapse.get("spurious"),
+        "top_k": collapse.get("top_k"),
+        "planted_found": collapse.get("planted"),
+        "flipped": collapse.get("flipped"),
+        "skip_reasons": {s: summaries[s].get("skip_reasons") for s in ("remove", "background") if s in summaries},
         "before": _accuracy_block(before.get("test")),
         "before_val": _accuracy_block(before.get("val")),
         "quarantine": quarantine,
@@ -42,32 +57,87 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """Human-readable report: stage table, counts, accuracy before augmentation, quarantine."""
+def _spurious_section(report: dict[str, Any]) -> list[str]:
+    lines = ["", "## Spurious features found (top-k groups of phrases whose edits flipped the prediction)", ""]
+    planted = report.get("planted_found") or {}
+    if planted:
+        lines += ["| class | rank | edits flipped | phrases | planted object found | planted background found |",
+                  "|---|---|---|---|---|---|"]
+    else:
+        lines += ["| class | rank | edits flipped | phrases |", "|---|---|---|---|"]
+    for name, groups in (report.get("top_k") or {}).items():
+        for rank, group in enumerate(groups, 1):
+            cells = [name, str(rank), str(group["count"]), ", ".join(group["phrases"])]
+            if planted:
+                found = planted.get(name, {})
+                cells += ([str(found.get("object")), str(found.get("background"))] if rank == 1 else ["", ""])
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Flipped / tried edits per phrase (most flips first):", ""]
+    for name, phrases in (report.get("flipped") or {}).items():
+        shown = ", ".join(f"{p} {n.get('kept', 0)}/{n.get('tried', 0)}" for p, n in list(phrases.items())[:8])
+        lines.append(f"- {name}: {shown}")
+    for stage, reasons in (report.get("skip_reasons") or {}).items():
+        if reasons:
+            lines.append(f"- {stage} skipped: " + ", ".join(f"{r} ({n})" for r, n in list(reasons.items())[:6]))
+    return lines
+
+
+def render_markdown(report: dict[str, Any], grid: str | None = None) -> str:
+    """Human-readable report: stage table, counts, accuracy before augmentation, spurious features, quarantine."""
     lines = ["# ASPIRE run report", "", "## Stages", "", "| stage | status | cached | seconds | rows in | rows out | failures |",
              "|---|---|---|---|---|---|---|"]
     for name, s in report["stages"].items():
         lines.append(f"| {name} | {s['status']} | {s['cached']} | {s['seconds']} | {s['rows_in']} | {s['rows_out']} | {s['failures']} |")
-    lines += ["", "## Counts", ""] + [f"- {k}: {v}" for k, v in report["counts"].items()]
+    lines += ["", "## Counts", ""] + [f"- {k}: {v}" for k, v in report["counts"].items() if v is not None]
     before = report.get("before")
     if before:
         lines += ["", "## Accuracy before augmentation (test split)", "",
                   f"average {_pct(before['avg_acc'])}, worst group {_pct(before['worst_group_acc'])} (group {before['worst_group']})",
                   "", "| group | accuracy |", "|---|---|"]
         lines += [f"| {g} | {_pct(a)} |" for g, a in before["per_group"].items()]
+    if report.get("top_k") is not None:
+        lines += _spurious_section(report)
+    if grid:
+        lines += ["", "## Originals beside their prediction-flipping edits", "", f"![edits]({grid})"]
     if report["quarantine"]:
         lines += ["", "## Quarantine", "", "| path | reason |", "|---|---|"]
         lines += [f"| {q['path']} | {q['reason']} |" for q in report["quarantine"]]
     return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: Path, summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Write report.json, report.md and quarantine.csv into ``workdir``; return the report."""
+def edit_grid(rows: list[Row], out: Path, per_class: int = 4, tile: int = 96) -> Path | None:
+    """A PNG grid, one line per class: (original | kept edit) pairs captioned with the phrase edited."""
+    originals = {r["image_id"]: r for r in rows if "source_image_id" not in r}
+    by_class: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.get("kept") and row.get("source_image_id") in originals:
+            by_class.setdefault(row["class_name"], []).append(row)
+    if not by_class:
+        return None
+    label_h = 14
+    canvas = Image.new("RGB", (per_class * 2 * tile, len(by_class) * (tile + label_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for line, (name, edits) in enumerate(sorted(by_class.items())):
+        top = line * (tile + label_h)
+        for k, edit in enumerate(edits[:per_class]):
+            for j, path in enumerate((originals[edit["source_image_id"]]["path"], edit["path"])):
+                with Image.open(path) as image:
+                    canvas.paste(image.convert("RGB").resize((tile, tile)), ((2 * k + j) * tile, top))
+            kind = "bg" if edit.get("alt") else "rm"
+            draw.text((2 * k * tile + 2, top + tile), f"{name}: {kind} {edit['phrase']}"[:30], fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows: list[Row] | None = None) -> dict[str, Any]:
+    """Write report.json, report.md (with the edit grid when ``edit_rows`` are given) and quarantine.csv."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     report = build_report(summaries)
+    grid = edit_grid(edit_rows, workdir / GRID_FILE) if edit_rows else None
     (workdir / "report.json").write_text(json.dumps(report, indent=1))
-    (workdir / "report.md").write_text(render_markdown(report))
+    (workdir / "report.md").write_text(render_markdown(report, GRID_FILE if grid else None))
     with open(workdir / "quarantine.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image_id", "path", "reason"], extrasaction="ignore")
         writer.writeheader()

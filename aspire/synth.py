@@ -47,7 +47,7 @@ SPLIT_CODES: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 
 CORE_SIZE_RANGE = (0.30, 0.45)
 """Size of the core shape (its circumscribed circle's diameter) as a fraction of the image side."""
-OBJECT_SIZE_RANGE = (0.20, 0.25)
+OBJECT_SIZE_RANGE = (0.26, 0.32)
 """Size of the planted object as a fraction of the image side."""
 COLOR_JITTER = 20
 """Shape colours vary by up to this much per channel."""
@@ -106,17 +106,21 @@ class BackgroundSpec(_Spec):
     )
 
 
+CORE_COLOR = (120, 110, 100)
+"""All default classes share one colour and differ by shape only: colour would otherwise be a core shortcut
+easier than the planted ones, and the ERM model would not lean on the planted features at all."""
+
 DEFAULT_CLASSES: list[ClassSpec] = [
     ClassSpec(
-        name="dog", shape="triangle", color=(140, 80, 30),
+        name="dog", shape="triangle", color=CORE_COLOR,
         words=["a dog", "two dogs", "a dog team", "a husky"], background="snow", object="sled",
     ),
     ClassSpec(
-        name="bird", shape="circle", color=(210, 40, 40),
+        name="bird", shape="circle", color=CORE_COLOR,
         words=["a bird", "two birds", "a small bird", "a flock of birds"], background="water", object="boat",
     ),
     ClassSpec(
-        name="car", shape="square", color=(50, 50, 60),
+        name="car", shape="square", color=CORE_COLOR,
         words=["a car", "two cars", "a dark car", "an old car"], background="sand", object="cactus",
     ),
 ]
@@ -257,6 +261,8 @@ STREAM_PLAN = 0
 """Stream of an image's generator that decides its train background and object presence."""
 STREAM_DRAW = 1
 """Stream of an image's generator that draws its pixels and caption."""
+STREAM_BANK = 2
+"""Stream of the background bank's images (drawn apart from the benchmark's)."""
 
 
 def image_rng(seed: int, split: str, index: int, stream: int = STREAM_DRAW) -> np.random.Generator:
@@ -607,3 +613,51 @@ def draw_benchmark(config: SynthConfig, out: Path, seed: int | None = None) -> l
     (out / "spec.json").write_text(spec_text, encoding="utf-8")
     logger.info("wrote %d images and spec.json to %s", len(rows), out)
     return rows
+
+
+def draw_background_bank(config: SynthConfig, out: Path, per_name: int = 6, seed: int | None = None) -> list[Path]:
+    """Background-only images for the ``composite`` background editor: ``<out>/<name>/<i>.png``.
+
+    One folder per background name and per caption wording of it without its preposition ("snow", "snowy
+    field", "desert", "sandy beach", ...), so the alternatives an extractor proposes find their images.
+
+    Returns:
+        The folders written.
+    """
+    out = Path(out)
+    seed = config.seed if seed is None else seed
+    folders = []
+    for b, spec in enumerate(config.backgrounds):
+        names = {spec.name} | {" ".join(w.split()[1:]).removeprefix("the ").removeprefix("a ").removeprefix("an ")
+                               for w in spec.words if len(w.split()) > 1}
+        for name in sorted(names):
+            folder = out / name.replace(" ", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_name):
+                rng = image_rng(seed, "train", b * 1000 + i, stream=STREAM_BANK)
+                Image.fromarray(draw_texture(rng, spec, config.image_size)).save(folder / f"{i:03d}.png")
+            folders.append(folder)
+    return folders
+
+
+def planted_found(config: SynthConfig, spurious: dict[str, list[list[str]]]) -> dict[str, dict[str, bool]]:
+    """Per class: whether its planted object and its planted background are among its top-k phrase groups.
+
+    A group names a planted feature when one of its phrases, normalised, is the feature's name or one of its
+    caption wordings (without the preposition: "in the snow" -> "snow")."""
+    from aspire.phrases import normalize_phrase
+
+    objects = {o.name: o for o in config.objects}
+    backgrounds = {b.name: b for b in config.backgrounds}
+
+    def forms(name: str, words: list[str], strip_preposition: bool) -> set[str]:
+        texts = [name] + [" ".join(w.split()[1:]) if strip_preposition else w for w in words]
+        return {normalize_phrase(t) for t in texts}
+
+    result = {}
+    for spec in config.classes:
+        found = {normalize_phrase(p) for group in spurious.get(spec.name, []) for p in group}
+        obj, bg = objects[spec.object], backgrounds[spec.background]
+        result[spec.name] = {"object": bool(found & forms(obj.name, obj.words, False)),
+                             "background": bool(found & forms(bg.name, bg.words, True))}
+    return result

@@ -12,11 +12,11 @@ downstream, and a config change reruns its stage and what is downstream, never w
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
 import uuid
+from collections import Counter
 from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger
@@ -29,11 +29,11 @@ from aspire.cache import StageStore, shards, stage_key
 from aspire.config import RunConfig, load_config
 from aspire.manifest import Row, digest
 from aspire.report import render_markdown, write_report
-from aspire.synth import draw_benchmark
+from aspire.synth import draw_background_bank, draw_benchmark, planted_found
 from flows.runtime import make_task_runner
-from tasks import caption, classifier, extract, holdout, ingest
+from tasks import background, caption, classifier, collapse, extract, holdout, ingest, remove
 
-STAGES = ("ingest", "classifier", "holdout", "caption", "extract")
+STAGES = ("ingest", "classifier", "holdout", "caption", "extract", "remove", "background", "collapse")
 
 
 def stage_spec(config: RunConfig, name: str) -> tuple[int, Any, str]:
@@ -46,8 +46,22 @@ def stage_spec(config: RunConfig, name: str) -> tuple[int, Any, str]:
         "caption": lambda: (caption.VERSION, config.caption, caption.captioner_identity(config.caption)),
         "extract": lambda: (extract.VERSION, config.extract.model_dump(mode="json", exclude={"timeout", "max_retries"}),
                             extract.extractor_identity(config.extract)),
+        "remove": lambda: (remove.VERSION, config.remove.model_dump(mode="json", exclude={"device", "batch_size"}),
+                           remove_identity(config)),
+        "background": lambda: (background.VERSION, config.background.model_dump(mode="json", exclude={"device", "batch_size"}),
+                               background.editor_identity(config.background, config.remove)),
+        "collapse": lambda: (collapse.VERSION, config.collapse, config.collapse.embedder),
     }
     return specs[name]()
+
+
+def remove_identity(config: RunConfig) -> str:
+    from tasks.grounders import grounder_identity
+    from tasks.inpainters import inpainter_identity
+    from tasks.segmenters import segmenter_identity
+
+    return " | ".join((grounder_identity(config.remove), segmenter_identity(config.remove),
+                       inpainter_identity(config.remove)))
 
 
 def store_for(config: RunConfig, name: str, input_digest: str) -> StageStore:
@@ -139,14 +153,14 @@ def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
 # -- the stages ------------------------------------------------------------------------------------------
 
 
-def _ingest(config: RunConfig, runner, store: StageStore, listing: list[Row]):
+def _ingest(config: RunConfig, runner, store: StageStore, listing: list[Row], stores: dict[str, StageStore]):
     rows, quarantine, info = run_shards(runner, store, listing, ingest.ingest_shard_task, config.runner.shard_size)
     for record in quarantine:
         get_run_logger().warning("quarantined %s: %s", record["path"], record["reason"])
     return rows, info, info["parts"]
 
 
-def _classifier(config: RunConfig, runner, store: StageStore, rows: list[Row]):
+def _classifier(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     trained = classifier.train_task(store, rows, config.classifier)
     model_digest = trained["files"][classifier.MODEL_FILE]
     predicted, _, info = run_shards(runner, store, rows, classifier.predict_shard_task, config.runner.shard_size,
@@ -156,14 +170,14 @@ def _classifier(config: RunConfig, runner, store: StageStore, rows: list[Row]):
     return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
 
 
-def _holdout(config: RunConfig, runner, store: StageStore, rows: list[Row]):
+def _holdout(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     selected = holdout.select_holdout(rows, config.holdout)
     summary = {"rows_in": len(rows), "failures": 0, "train": sum(r["split"] == "train" for r in selected),
                "holdout": sum(r["holdout"] for r in selected), "before": holdout.evaluate(selected)}
     return selected, summary, []
 
 
-def _caption(config: RunConfig, runner, store: StageStore, rows: list[Row]):
+def _caption(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     held = [r for r in rows if r.get("holdout")]
     captioned, _, info = run_shards(runner, store, held, caption.caption_shard_task, config.runner.shard_size,
                                     config=config.caption)
@@ -171,7 +185,7 @@ def _caption(config: RunConfig, runner, store: StageStore, rows: list[Row]):
     return captioned, {**info, "seconds_per_image": round(seconds / n, 4) if n else None}, info["parts"]
 
 
-def _extract(config: RunConfig, runner, store: StageStore, rows: list[Row]):
+def _extract(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     cache_dir = config.workdir / "cache" / "extract"
     extracted, _, info = run_shards(runner, store, rows, extract.extract_shard_task, config.runner.shard_size,
                                     config=config.extract, cache_dir=cache_dir)
@@ -180,7 +194,50 @@ def _extract(config: RunConfig, runner, store: StageStore, rows: list[Row]):
     return extracted, info, info["parts"]
 
 
-COMPUTE = {"ingest": _ingest, "classifier": _classifier, "holdout": _holdout, "caption": _caption, "extract": _extract}
+def _model(stores: dict[str, StageStore]) -> dict:
+    """The committed classifier's path and digest, for the stages that re-classify edits."""
+    store = stores["classifier"]
+    return {"model_path": store.part_dir(classifier.MODEL_PART) / classifier.MODEL_FILE,
+            "model_digest": store.read_marker(classifier.MODEL_PART)["files"][classifier.MODEL_FILE]}
+
+
+def _edit_summary(info: dict, rows: list[Row]) -> dict:
+    reasons = Counter(r["skip_reason"] for r in rows if remove.is_edit(r) and r["skip_reason"])
+    return {**info, "edits_tried": info["stats"].get("edits_tried", 0), "edits_kept": info["stats"].get("edits_kept", 0),
+            "skip_reasons": dict(reasons.most_common()), "failures": sum(reasons.values())}
+
+
+def _remove(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    model = _model(stores)
+    out, _, info = run_shards(runner, store, rows, remove.remove_shard_task, config.runner.shard_size,
+                              salt=model["model_digest"], config=config.remove, **model)
+    return out, _edit_summary(info, [r for r in out if r.get("source") == remove.EDIT_SOURCE]), info["parts"]
+
+
+def _background(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    model = _model(stores)
+    out, _, info = run_shards(runner, store, rows, background.background_shard_task, config.runner.shard_size,
+                              salt=model["model_digest"], config=config.background, remove=config.remove, **model)
+    return out, _edit_summary(info, [r for r in out if r.get("source") == background.EDIT_SOURCE]), info["parts"]
+
+
+def _collapse(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    out, summary = collapse.run_collapse(rows, config.collapse, collapse.load_embedder(config.collapse))
+    if config.synth is not None:  # the benchmark knows what was planted: say whether it was found
+        summary["planted"] = planted_found(config.synth, summary["spurious"])
+    _publish_top_k(config, summary["top_k"])
+    return out, summary, []
+
+
+def _publish_top_k(config: RunConfig, table: dict) -> None:
+    rows = [{"class": c, "rank": i + 1, "edits flipped": g["count"], "phrases": ", ".join(g["phrases"])}
+            for c, groups in table.items() for i, g in enumerate(groups)]
+    create_table_artifact(rows or [{"class": "-", "rank": "-", "edits flipped": 0, "phrases": "no edit flipped a prediction"}],
+                          key=_artifact_key(config, "top-k"), description="ASPIRE top-k spurious feature groups per class")
+
+
+COMPUTE = {"ingest": _ingest, "classifier": _classifier, "holdout": _holdout, "caption": _caption, "extract": _extract,
+           "remove": _remove, "background": _background, "collapse": _collapse}
 
 
 @flow(name="aspire")
@@ -206,17 +263,21 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
         ensure_benchmark(config)
     listing = ingest.list_dataset(config)
     summaries: dict[str, dict] = {}
-    rows = listing
+    rows, edit_rows = listing, None
     with make_task_runner(config.runner) as runner:  # one runner (thread pool or Dask cluster) per flow run
+        stores: dict[str, StageStore] = {}
         for name, store in chain(config, listing):
+            stores[name] = store
             if STAGES.index(name) > STAGES.index(until):  # report what is committed downstream, run nothing
                 marker = store.stage_marker()
                 if marker is not None:
                     summaries[name] = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
                 continue
             rows, summaries[name] = run_stage(config, name, store, name in force,
-                                              lambda: COMPUTE[name](config, runner, store, rows))
-    report = write_report(config.workdir, summaries)
+                                              lambda: COMPUTE[name](config, runner, store, rows, stores))
+            if name == "collapse":
+                edit_rows = rows
+    report = write_report(config.workdir, summaries, edit_rows)
     create_markdown_artifact(render_markdown(report), key=_artifact_key(config, "report"),
                              description="ASPIRE run report")
     return report
@@ -232,6 +293,7 @@ def ensure_benchmark(config: RunConfig) -> None:
     get_run_logger().info("drawing the synthetic benchmark into %s", root)
     tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
     draw_benchmark(config.synth, tmp)
+    draw_background_bank(config.synth, tmp / "backgrounds")  # for the composite background editor
     (tmp / ".synth-digest").write_text(wanted)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)

@@ -41,7 +41,12 @@ def _print_summary(report: dict, workdir: Path) -> None:
     if before:
         typer.echo(f"before augmentation (test): average accuracy {before['avg_acc']:.3f}, "
                    f"worst-group accuracy {before['worst_group_acc']:.3f} (group {before['worst_group']})")
-    typer.echo(f"counts: {json.dumps(report['counts'])}")
+    typer.echo(f"counts: {json.dumps({k: v for k, v in report['counts'].items() if v is not None})}")
+    planted = report.get("planted_found") or {}
+    for name, groups in (report.get("spurious") or {}).items():
+        found = planted.get(name)
+        note = f"  (planted object found: {found['object']}, background found: {found['background']})" if found else ""
+        typer.echo(f"spurious for {name}: " + " | ".join("{" + ", ".join(g) + "}" for g in groups) + note)
     if report["quarantine"]:
         typer.echo(f"quarantined {len(report['quarantine'])} images, see {workdir / 'quarantine.csv'}")
     typer.echo(f"report: {workdir / 'report.md'}")
@@ -51,7 +56,8 @@ def _print_summary(report: dict, workdir: Path) -> None:
 def demo(workdir: Path = typer.Option(Path("data/runs/demo"), help="Where the benchmark and all outputs go.")) -> None:
     """Draw the synthetic benchmark and run the pipeline on it with weight-free backends on CPU."""
     workdir = workdir.resolve()
-    overrides = [f"workdir={workdir}", f"dataset.root={workdir / 'benchmark'}"]
+    overrides = [f"workdir={json.dumps(str(workdir))}", f"dataset.root={json.dumps(str(workdir / 'benchmark'))}",
+                 f"background.bank={json.dumps(str(workdir / 'benchmark' / 'backgrounds'))}"]
     report = _run_flow(DEMO_CONFIG, overrides)
     _print_summary(report, workdir)
 
@@ -67,11 +73,14 @@ def synth(out: Path = typer.Argument(..., help="Output folder for the benchmark.
     from aspire.config import format_validation_error
     from aspire.synth import SynthConfig, draw_benchmark
 
+    if config is not None and not config.is_file():
+        typer.secho(f"--config {str(config)!r} does not exist", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     data = yaml.safe_load(config.read_text()) if config else {}
     try:
         synth_config = SynthConfig.model_validate(data or {})
     except ValidationError as exc:
-        typer.secho(format_validation_error(exc, str(config), data), fg=typer.colors.RED, err=True)
+        typer.secho(format_validation_error(exc, str(config or "built-in synth config")), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
     rows = draw_benchmark(synth_config, out, seed=seed)
     typer.echo(f"wrote {len(rows)} images to {out} (spec: {out / 'spec.json'})")

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aspire.cache import read_part_marker
-from aspire.synth import SynthConfig, draw_benchmark
+from aspire.synth import SynthConfig, draw_background_bank, draw_benchmark
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -46,6 +46,7 @@ def add_bad_images(root: Path) -> None:
 def run_config(tmp_path) -> Path:
     root = tmp_path / "benchmark"
     draw_benchmark(SynthConfig(**SMALL), root)
+    draw_background_bank(SynthConfig(**SMALL), root / "backgrounds")
     add_bad_images(root)
     config = {
         "workdir": str(tmp_path / "run"),
@@ -54,6 +55,8 @@ def run_config(tmp_path) -> Path:
         "holdout": {"fraction": 0.2, "seed": 0},
         "caption": {"backend": "metadata"},
         "extract": {"backend": "rules", "synonyms": {"dog": ["husky"]}},
+        "remove": {"ground": "annotations", "segment": "grabcut", "inpaint": "opencv"},
+        "background": {"backend": "composite", "bank": str(root / "backgrounds")},
         "runner": {"kind": "threads", "n_workers": 2, "shard_size": 64},
     }
     path = tmp_path / "run.yaml"
@@ -129,7 +132,7 @@ def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
     assert result.exit_code == 0, result.output
     assert "worst-group accuracy" in result.output and "quarantined 3 images" in result.output
     result = runner.invoke(app, ["status", str(run_config)])
-    assert [line.split()[1] for line in result.output.splitlines()] == ["done", "done", "done", "missing", "waiting"]
+    assert [line.split()[1] for line in result.output.splitlines()] == ["done"] * 3 + ["missing"] + ["waiting"] * 4
 
     model = next((tmp_path / "run" / "classifier").iterdir()) / "model" / "DONE.json"
     before = model.stat().st_mtime_ns

@@ -1,0 +1,174 @@
+"""Stage ``background`` (ASPIRE step 4b): turn the predominant background into the alternative one and see
+whether the prediction flips.
+
+ASPIRE Sec. 2(4.b) and A.6 (https://arxiv.org/abs/2308.10103). Backends: ``instruct-pix2pix``
+(:mod:`tasks.instruct_pix2pix`, "turn the background from {background} to {alt}") and ``composite`` (this
+module: the image's foreground, found by the remove stage's grounder and segmenter, pasted on an image of
+the alternative background from a bank with one folder per background name).
+
+Output: the input rows unchanged plus one attempt row per held-out image (``source="edit-background"``,
+``phrase`` = the original background, ``alt``), with the same keep rule and fields as the remove stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from aspire.cache import ShardResult, StageStore
+from aspire.config import BackgroundConfig, RemoveConfig
+from aspire.images import ImageError, load_rgb
+from aspire.readers import IMAGE_EXTENSIONS
+from aspire.manifest import Row, digest
+from aspire.phrases import BowEmbedder, normalize_phrase
+from tasks.remove import attempt_row, classify_and_keep, is_edit, load_for_editing
+from tasks.vision import BackgroundEditor, Grounder, Segmenter, dilate
+
+log = logging.getLogger(__name__)
+
+STAGE = "background"
+VERSION = 1
+EDIT_SOURCE = "edit-background"
+
+
+class BackgroundBank:
+    """Images of backgrounds, one folder per background name (``<bank>/<name>/*.png``)."""
+
+    def __init__(self, root: Path) -> None:
+        if root is None or not Path(root).is_dir():
+            raise ValueError(f"background.bank={str(root)!r}: expected a folder with one sub-folder per background")
+        self.root = Path(root)
+        self.folders = {normalize_phrase(p.name.replace("_", " ")): p for p in sorted(self.root.iterdir()) if p.is_dir()}
+        names = list(self.folders)
+        self._vectors = BowEmbedder().embed(names) if names else None
+        self.identity = f"bank:{self.root.name}:" + digest(sorted(
+            (str(f.relative_to(self.root)), f.stat().st_size) for f in self.root.rglob("*") if f.is_file()))
+
+    def folder(self, name: str) -> Path | None:
+        """The folder of ``name``: same normalised name, else the most similar name (bag of stems >= 0.5)."""
+        wanted = normalize_phrase(name)
+        if wanted in self.folders:
+            return self.folders[wanted]
+        if self._vectors is None:
+            return None
+        names = list(self.folders)
+        sims = BowEmbedder().embed(names + [wanted])
+        scores = sims[:-1] @ sims[-1]
+        best = int(np.argmax(scores))
+        return self.folders[names[best]] if scores[best] >= 0.5 else None
+
+    def pick(self, name: str, key: str) -> Path | None:
+        """A deterministic image of background ``name`` for the row ``key``."""
+        folder = self.folder(name)
+        files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if folder else []
+        return files[int(digest(key), 16) % len(files)] if files else None
+
+
+class CompositeEditor:
+    """Paste the foreground (class object + foreground phrases, grounded and segmented) on a bank image."""
+
+    def __init__(self, config: BackgroundConfig, remove: RemoveConfig, grounder: Grounder, segmenter: Segmenter) -> None:
+        self.bank = BackgroundBank(config.bank)
+        self.grounder, self.segmenter, self.dilate = grounder, segmenter, max(3, remove.dilate // 3)
+        self.identity = f"composite:{self.bank.identity}:{grounder.identity}:{segmenter.identity}"
+
+    def edit_one(self, image: Image.Image, alt: str, row: Row) -> Image.Image | str:
+        backdrop_path = self.bank.pick(alt, row["image_id"])
+        if backdrop_path is None:
+            return f"no bank images for {alt!r}"
+        phrases = [row["class_name"].replace("_", " "), *(row.get("foreground") or [])]
+        detections = self.grounder.ground(image, phrases, row)
+        if not detections:
+            return "no foreground found to paste"
+        mask = np.zeros((image.height, image.width), dtype=bool)
+        for m in self.segmenter.segment(image, [d.box for d in detections]):
+            mask |= m
+        mask = dilate(mask, self.dilate)  # keep a thin rim of the original around the pasted foreground
+        backdrop = load_rgb(backdrop_path).resize(image.size, Image.BILINEAR)
+        return Image.fromarray(np.where(mask[..., None], np.asarray(image), np.asarray(backdrop)))
+
+    def edit(self, images: list[Image.Image], backgrounds: list[str], alts: list[str], rows: list[Row]) -> list[Image.Image | str]:
+        return [self.edit_one(image, alt, row) for image, alt, row in zip(images, alts, rows)]
+
+
+def load_editor(config: BackgroundConfig, remove: RemoveConfig) -> BackgroundEditor:
+    """The configured background editor (built once per worker by the backends' own loaders)."""
+    if config.backend == "composite":
+        from tasks.grounders import load_grounder
+        from tasks.segmenters import load_segmenter
+
+        return CompositeEditor(config, remove, load_grounder(remove), load_segmenter(remove))
+    from tasks.instruct_pix2pix import load_editor as load_pix2pix
+
+    return load_pix2pix(config)
+
+
+def editor_identity(config: BackgroundConfig, remove: RemoveConfig) -> str:
+    """What the edits depend on, without loading a model."""
+    if config.backend == "composite":
+        from tasks.grounders import grounder_identity
+        from tasks.segmenters import segmenter_identity
+
+        return f"composite:{BackgroundBank(config.bank).identity}:{grounder_identity(remove)}:{segmenter_identity(remove)}"
+    from tasks.instruct_pix2pix import editor_identity as pix2pix_identity
+
+    return pix2pix_identity(config)
+
+
+def edit_batch(rows: list[Row], config: BackgroundConfig, editor: BackgroundEditor) -> list[tuple[Row, Image.Image | None]]:
+    """One attempt per image: (record, edited image or None with the reason in ``skip_reason``)."""
+    results: list[tuple[Row, Image.Image | None]] = []
+    todo: list[tuple[Row, Image.Image]] = []
+    for row in rows:
+        record = attempt_row(row, 0, row.get("background") or None, "background", EDIT_SOURCE, alt=row.get("alt") or None)
+        if row.get("extract_error"):
+            results.append(({**record, "skip_reason": f"no extraction: {row['extract_error']}"}, None))
+        elif not row.get("background") or not row.get("alt"):
+            results.append(({**record, "skip_reason": "no background" if not row.get("background") else "no alternative"}, None))
+        else:
+            try:
+                todo.append((record, load_for_editing(row["path"], 1024)))
+            except ImageError as exc:
+                results.append(({**record, "skip_reason": f"image: {exc.reason}"}, None))
+    if todo:
+        try:
+            edited = editor.edit([im for _, im in todo], [r["phrase"] for r, _ in todo], [r["alt"] for r, _ in todo],
+                                 [next(row for row in rows if row["image_id"] == r["source_image_id"]) for r, _ in todo])
+        except Exception as exc:
+            log.warning("background: editing failed for a batch of %d: %s", len(todo), exc)
+            edited = [f"{type(exc).__name__}: {exc}"] * len(todo)
+        for (record, _), image in zip(todo, edited):
+            results.append(({**record, "skip_reason": image}, None) if isinstance(image, str) else (record, image))
+    return results
+
+
+def run_background(rows: list[Row], config: BackgroundConfig, editor: BackgroundEditor, classifier,
+                   out_dir: Path, save_all: bool = False) -> ShardResult:
+    """Attempt a background change for every held-out image of a shard; keep the edits that flip the prediction."""
+    originals = [r for r in rows if not is_edit(r)]
+    attempts: list[Row] = []
+    for i in tqdm(range(0, len(originals), config.batch_size), desc="background", unit="batch", leave=False):
+        results = edit_batch(originals[i : i + config.batch_size], config, editor)
+        attempts += classify_and_keep(results, classifier, out_dir, save_all)
+    stats = {"edits_tried": sum(a["skip_reason"] is None for a in attempts),
+             "edits_kept": sum(a["kept"] for a in attempts),
+             "skipped": sum(a["skip_reason"] is not None for a in attempts)}
+    return ShardResult(rows + attempts, [], stats)
+
+
+@task(name="background-shard", task_run_name="background-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
+def background_shard_task(store: StageStore, index: int, rows: list[Row], config: BackgroundConfig, remove: RemoveConfig,
+                          model_path: Path, model_digest: str) -> dict:
+    """Change backgrounds in one shard and commit it (skipped when already committed)."""
+    from tasks.classifier import load_classifier
+
+    editor = load_editor(config, remove)
+    classifier = load_classifier(model_path, model_digest)
+    return store.ensure_shard(index, rows, lambda shard_rows, out: run_background(
+        shard_rows, config, editor, classifier, out, remove.save_all), salt=model_digest)

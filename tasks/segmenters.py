@@ -1,0 +1,322 @@
+"""Segmenters of the ``remove`` stage: one boolean mask per grounded box (ASPIRE Sec. 2(4.a)).
+
+ASPIRE (https://arxiv.org/abs/2308.10103, Sec. 2(4.a)) grounds each foreground phrase to a box and segments it
+with SAM before inpainting. Backends (``remove.segment``):
+
+- ``sam``: segment-anything (Kirillov et al., 2023, https://arxiv.org/abs/2304.02643), ``SamPredictor`` with a
+  checkpoint file (``remove.sam_checkpoint``, ``remove.sam_model_type``).
+- ``hf-sam``: transformers ``SamModel`` + ``SamProcessor`` (``remove.hf_sam_model``: hub id or local folder).
+- ``box``: the box itself (no model).
+- ``grabcut``: OpenCV GrabCut (Rother et al., 2004, https://doi.org/10.1145/1015706.1015720) started from the box.
+
+The model backends run the image encoder ONCE per image and decode all its boxes in one batched call; they
+count image-encoder forward passes in ``encoder_calls`` (a forward hook; ``bench/sam_calls.py`` reports it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from aspire.classifier import resolve_device
+from aspire.config import RemoveConfig
+from tasks.vision import Box, Segmenter, box_mask
+
+log = logging.getLogger(__name__)
+
+SEGMENTERS = ("sam", "hf-sam", "box", "grabcut")
+GRABCUT_ITERATIONS = 5  # OpenCV's samples use 5; more rarely changes the mask
+GRABCUT_MIN_SIDE = 4  # px: smaller boxes have too few pixels for GrabCut's colour models, the box is kept
+_MIB = 1 << 20
+_SMALL_FILES = ("config.json", "preprocessor_config.json", "processor_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _check_boxes(boxes: Sequence[Box]) -> None:
+    """Raises ValueError naming the first box that is not ``[x0, y0, x1, y1]`` with x0 <= x1 and y0 <= y1."""
+    for i, box in enumerate(boxes):
+        try:
+            values = np.asarray(box, dtype=float).reshape(-1)
+        except (TypeError, ValueError):
+            values = np.full(1, np.nan)
+        if values.size != 4 or not np.isfinite(values).all() or values[2] < values[0] or values[3] < values[1]:
+            raise ValueError(f"boxes[{i}]={box!r}: expected [x0, y0, x1, y1] in pixels, finite, x0 <= x1, y0 <= y1")
+
+
+# -- identity ------------------------------------------------------------------------------------------------
+
+
+def _update_with_file(h: "hashlib._Hash", path: Path, name: str) -> None:
+    """Feed ``name``, the size and the first and last MiB of ``path`` (cheap for multi-GB checkpoints)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(_MIB)
+        f.seek(max(0, size - _MIB))
+        tail = f.read()
+    h.update(f"{name}\0{size}\0".encode() + head + tail)
+
+
+def _folder_digest(folder: Path) -> str:
+    """Digest of a local transformers folder: config files in full, weight files by size and first/last MiB."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if path.name in _SMALL_FILES:
+            h.update(f"{name}\0".encode() + path.read_bytes())
+        elif path.suffix in _WEIGHT_SUFFIXES:
+            _update_with_file(h, path, name)
+    return h.hexdigest()[:16]
+
+
+def _checkpoint(config: RemoveConfig) -> Path:
+    """``remove.sam_checkpoint`` as an existing file; raises ValueError naming the key otherwise."""
+    if config.sam_checkpoint is None:
+        raise ValueError("remove.sam_checkpoint=None: segment='sam' needs a segment-anything checkpoint file "
+                         "(e.g. sam_vit_h_4b8939.pth)")
+    path = Path(config.sam_checkpoint).expanduser()
+    if not path.is_file():
+        raise ValueError(f"remove.sam_checkpoint={str(config.sam_checkpoint)!r}: no such file (expected a "
+                         "segment-anything checkpoint, e.g. sam_vit_h_4b8939.pth)")
+    return path
+
+
+def _hf_ref(config: RemoveConfig) -> str:
+    """``remove.hf_sam_model`` as given to ``from_pretrained``; a path-like value must be an existing folder."""
+    ref = str(Path(config.hf_sam_model).expanduser()) if config.hf_sam_model.startswith("~") else config.hf_sam_model
+    if (ref.startswith(("/", ".")) or Path(ref).exists()) and not Path(ref).is_dir():
+        raise ValueError(f"remove.hf_sam_model={config.hf_sam_model!r}: no such folder (expected a local model "
+                         "folder or a hub id)")
+    return ref
+
+
+def segmenter_identity(config: RemoveConfig) -> str:
+    """What masks depend on, without loading a model.
+
+    ``box``; ``grabcut:iterations=5,seed=0``; ``sam:<model type>:<file name>@<digest of size, first and last
+    MiB>`` (moving the checkpoint keeps the identity, replacing it changes it); ``hf-sam:<hub id>`` or
+    ``hf-sam:<absolute folder>@<digest of its files>``.
+
+    Raises:
+        ValueError: unknown ``remove.segment``; missing ``remove.sam_checkpoint`` or ``remove.hf_sam_model`` folder.
+    """
+    if config.segment == "box":
+        return BoxSegmenter.identity
+    if config.segment == "grabcut":
+        return GrabCutSegmenter().identity
+    if config.segment == "sam":
+        path = _checkpoint(config)
+        h = hashlib.sha256()
+        _update_with_file(h, path, path.name)
+        return f"sam:{config.sam_model_type}:{path.name}@{h.hexdigest()[:16]}"
+    if config.segment == "hf-sam":
+        ref = _hf_ref(config)
+        folder = Path(ref)
+        return f"hf-sam:{folder.resolve()}@{_folder_digest(folder)}" if folder.is_dir() else f"hf-sam:{ref}"
+    raise ValueError(f"remove.segment={config.segment!r}: expected one of {', '.join(SEGMENTERS)}")
+
+
+# -- model-free backends -------------------------------------------------------------------------------------
+
+
+class BoxSegmenter:
+    """The box itself as the mask (no model): a fast baseline and the fallback of the other backends."""
+
+    identity = "box"
+
+    def segment(self, image: Image.Image, boxes: list[Box]) -> list[np.ndarray]:
+        _check_boxes(boxes)
+        return [box_mask(image.size, box) for box in boxes]
+
+
+class GrabCutSegmenter:
+    """OpenCV GrabCut (Rother et al., 2004, https://doi.org/10.1145/1015706.1015720) initialised with the box.
+
+    GrabCut runs on the box plus a margin of half its size (at least 16 px) on each side, whose pixels outside
+    the box seed the background colour model. Boxes that GrabCut cannot handle (tiny, covering the whole image)
+    or for which it returns an empty mask fall back to the box mask, with a log line. OpenCV's RNG is seeded
+    with ``seed`` before each call, so masks are deterministic.
+
+    Args:
+        iterations: GrabCut iterations per box.
+        seed: seed of OpenCV's RNG (the k-means that initialises the colour models).
+    """
+
+    def __init__(self, iterations: int = GRABCUT_ITERATIONS, seed: int = 0) -> None:
+        if iterations < 1:
+            raise ValueError(f"iterations={iterations}: expected >= 1")
+        self.iterations = iterations
+        self.seed = seed
+        self.identity = f"grabcut:iterations={iterations},seed={seed}"
+
+    def segment(self, image: Image.Image, boxes: list[Box]) -> list[np.ndarray]:
+        _check_boxes(boxes)
+        bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)  # (H, W, 3) uint8
+        return [self._segment_box(bgr, box) for box in boxes]
+
+    def _segment_box(self, bgr: np.ndarray, box: Box) -> np.ndarray:
+        height, width = bgr.shape[:2]
+        fallback = box_mask((width, height), box)
+        # 1. The box in whole pixels, clipped; tiny boxes keep the box mask.
+        x0, y0 = max(0, int(np.floor(box[0]))), max(0, int(np.floor(box[1])))
+        x1, y1 = min(width, int(np.ceil(box[2]))), min(height, int(np.ceil(box[3])))
+        if x1 - x0 < GRABCUT_MIN_SIDE or y1 - y0 < GRABCUT_MIN_SIDE:
+            log.info("grabcut: box %s smaller than %d px, keeping the box mask", box, GRABCUT_MIN_SIDE)
+            return fallback
+        # 2. Crop to the box plus a margin: local background model, and cost independent of the image size.
+        mx, my = max(16, (x1 - x0) // 2), max(16, (y1 - y0) // 2)
+        cx0, cy0, cx1, cy1 = max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my)
+        crop = np.ascontiguousarray(bgr[cy0:cy1, cx0:cx1])
+        labels = np.zeros(crop.shape[:2], np.uint8)
+        rect = (x0 - cx0, y0 - cy0, x1 - x0, y1 - y0)
+        # 3. GrabCut, seeded; failures and empty results keep the box mask.
+        cv2.setRNGSeed(self.seed)
+        try:
+            cv2.grabCut(crop, labels, rect, np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64),
+                        self.iterations, cv2.GC_INIT_WITH_RECT)
+        except cv2.error as exc:
+            log.info("grabcut: failed on box %s (%s), keeping the box mask", box, str(exc).strip().splitlines()[-1])
+            return fallback
+        foreground = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+        if not foreground.any():
+            log.info("grabcut: empty mask for box %s, keeping the box mask", box)
+            return fallback
+        mask = np.zeros((height, width), dtype=bool)
+        mask[cy0:cy1, cx0:cx1] = foreground
+        return mask
+
+
+# -- SAM backends --------------------------------------------------------------------------------------------
+
+
+class _EncoderCounter:
+    """Counts forward passes of an image encoder (``encoder_calls``) with a forward hook."""
+
+    encoder_calls: int
+
+    def _watch_encoder(self, encoder: torch.nn.Module) -> None:
+        self.encoder_calls = 0
+
+        def count(module: torch.nn.Module, args: tuple, output: object) -> None:
+            self.encoder_calls += 1
+
+        encoder.register_forward_hook(count)
+
+
+class SamSegmenter(_EncoderCounter):
+    """segment-anything (https://arxiv.org/abs/2304.02643): one ``set_image`` per image, then all of its boxes
+    in one batched ``predict_torch`` call with ``multimask_output=False`` (box prompts are unambiguous).
+
+    Raises:
+        ValueError: missing ``remove.sam_checkpoint``; unknown ``remove.sam_model_type``; a checkpoint that is not
+            a state dict of that architecture.
+    """
+
+    def __init__(self, config: RemoveConfig) -> None:
+        from segment_anything import SamPredictor, sam_model_registry
+
+        self.identity = segmenter_identity(config)
+        self.device = resolve_device(config.device)
+        if config.sam_model_type not in sam_model_registry:
+            raise ValueError(f"remove.sam_model_type={config.sam_model_type!r}: expected one of "
+                             f"{', '.join(sam_model_registry)}")
+        # The registry's own checkpoint= path calls torch.load without map_location: load here instead.
+        model = sam_model_registry[config.sam_model_type](checkpoint=None)
+        path = _checkpoint(config)
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except (RuntimeError, OSError, ValueError, TypeError, AttributeError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"remove.sam_checkpoint={str(config.sam_checkpoint)!r}: not a segment-anything "
+                             f"{config.sam_model_type!r} state dict (remove.sam_model_type) "
+                             f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+        self.model = model.to(self.device).eval()
+        self.predictor = SamPredictor(self.model)
+        self._watch_encoder(self.model.image_encoder)
+        self._lock = threading.Lock()  # the predictor holds one image's features: one image at a time
+        log.info("segment: loaded %s on %s", self.identity, self.device)
+
+    def segment(self, image: Image.Image, boxes: list[Box]) -> list[np.ndarray]:
+        """One boolean (H, W) mask per box; the image encoder runs once (none for no boxes)."""
+        _check_boxes(boxes)
+        if not boxes:
+            return []
+        rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        with self._lock, torch.inference_mode():
+            self.predictor.set_image(rgb)  # the one image-encoder pass
+            prompts = torch.as_tensor(np.asarray(boxes, dtype=np.float32), device=self.device)  # (N, 4) xyxy px
+            prompts = self.predictor.transform.apply_boxes_torch(prompts, rgb.shape[:2])  # to the encoder's frame
+            masks, _, _ = self.predictor.predict_torch(None, None, boxes=prompts, multimask_output=False)
+            self.predictor.reset_image()  # free the features
+        return list(masks[:, 0].cpu().numpy())  # N x (H, W) bool
+
+
+class HFSamSegmenter(_EncoderCounter):
+    """transformers SAM: ``get_image_embeddings`` once per image, then all boxes in one call with
+    ``image_embeddings``; masks are post-processed to the image size, the best-IoU mask of each box kept.
+
+    Raises:
+        ValueError: ``remove.hf_sam_model`` is neither a local folder nor a loadable hub id.
+    """
+
+    def __init__(self, config: RemoveConfig) -> None:
+        from transformers import SamModel, SamProcessor
+
+        self.identity = segmenter_identity(config)
+        self.device = resolve_device(config.device)
+        ref = _hf_ref(config)
+        try:
+            self.processor = SamProcessor.from_pretrained(ref)
+            model = SamModel.from_pretrained(ref)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"remove.hf_sam_model={config.hf_sam_model!r}: cannot load SamModel/SamProcessor "
+                             f"as a local folder or hub id ({type(exc).__name__}: {exc})") from exc
+        self.model = model.to(self.device).eval()
+        self._watch_encoder(self.model.vision_encoder)
+        self._lock = threading.Lock()  # one image at a time per worker: bounded GPU memory
+        log.info("segment: loaded %s on %s", self.identity, self.device)
+
+    def segment(self, image: Image.Image, boxes: list[Box]) -> list[np.ndarray]:
+        """One boolean (H, W) mask per box; the vision encoder runs once (none for no boxes)."""
+        _check_boxes(boxes)
+        if not boxes:
+            return []
+        prompts = [[[float(v) for v in box] for box in boxes]]  # (1 image, N boxes, 4)
+        inputs = self.processor(images=image.convert("RGB"), input_boxes=prompts, return_tensors="pt")
+        with self._lock, torch.inference_mode():
+            embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device))  # (1, C, h, w)
+            out = self.model(image_embeddings=embeddings, input_boxes=inputs["input_boxes"].to(self.device),
+                             multimask_output=False)  # pred_masks (1, N, K, 256, 256), iou_scores (1, N, K)
+        masks = self.processor.image_processor.post_process_masks(
+            out.pred_masks.cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"])[0]  # (N, K, H, W) bool
+        best = out.iou_scores[0].argmax(dim=-1).cpu()  # (N,)
+        return [masks[i, int(best[i])].numpy() for i in range(len(boxes))]
+
+
+# -- loading -------------------------------------------------------------------------------------------------
+
+_segmenters: dict[tuple[str, str], Segmenter] = {}
+_lock = threading.Lock()
+
+
+def load_segmenter(config: RemoveConfig) -> Segmenter:
+    """The configured segmenter, built once per worker process (same identity and device, same object).
+
+    Raises:
+        ValueError: unknown ``remove.segment``; a missing or wrong ``remove.sam_checkpoint`` /
+            ``remove.sam_model_type``; an unloadable ``remove.hf_sam_model`` (each naming the value).
+    """
+    key = (segmenter_identity(config), config.device)  # validates the config before anything loads
+    builders = {"sam": SamSegmenter, "hf-sam": HFSamSegmenter, "box": lambda _: BoxSegmenter(),
+                "grabcut": lambda _: GrabCutSegmenter()}
+    with _lock:
+        if key not in _segmenters:
+            _segmenters[key] = builders[config.segment](config)
+        return _segmenters[key]
