@@ -124,7 +124,7 @@ def editor_identity(config: BackgroundConfig, remove: RemoveConfig) -> str:
 def edit_batch(rows: list[Row], config: BackgroundConfig, editor: BackgroundEditor) -> list[tuple[Row, Image.Image | None]]:
     """One attempt per image: (record, edited image or None with the reason in ``skip_reason``)."""
     results: list[tuple[Row, Image.Image | None]] = []
-    todo: list[tuple[Row, Image.Image]] = []
+    todo: list[tuple[Row, Image.Image, Row]] = []  # (record, image, source row)
     for row in rows:
         record = attempt_row(row, 0, row.get("background") or None, "background", EDIT_SOURCE, alt=row.get("alt") or None)
         if row.get("extract_error"):
@@ -133,17 +133,17 @@ def edit_batch(rows: list[Row], config: BackgroundConfig, editor: BackgroundEdit
             results.append(({**record, "skip_reason": "no background" if not row.get("background") else "no alternative"}, None))
         else:
             try:
-                todo.append((record, load_for_editing(row["path"], 1024)))
+                todo.append((record, load_for_editing(row["path"], 1024), row))
             except ImageError as exc:
                 results.append(({**record, "skip_reason": f"image: {exc.reason}"}, None))
     if todo:
+        records, images, sources = zip(*todo)
         try:
-            edited = editor.edit([im for _, im in todo], [r["phrase"] for r, _ in todo], [r["alt"] for r, _ in todo],
-                                 [next(row for row in rows if row["image_id"] == r["source_image_id"]) for r, _ in todo])
-        except Exception as exc:
+            edited = editor.edit(list(images), [r["phrase"] for r in records], [r["alt"] for r in records], list(sources))
+        except Exception as exc:  # the backend failed on this batch: record it, go on with the next
             log.warning("background: editing failed for a batch of %d: %s", len(todo), exc)
             edited = [f"{type(exc).__name__}: {exc}"] * len(todo)
-        for (record, _), image in zip(todo, edited):
+        for record, image in zip(records, edited):
             results.append(({**record, "skip_reason": image}, None) if isinstance(image, str) else (record, image))
     return results
 
