@@ -170,6 +170,62 @@ class CollapseConfig(Section):
     top_k: int = Field(3, ge=1, description="Groups kept per class (ASPIRE: k=3).")
 
 
+class PersonalizeConfig(Section):
+    """ASPIRE step 5: textual inversion of Stable Diffusion per class on the kept edits of its top-k groups
+    (Sec. 2(5); Gal et al. 2023, https://arxiv.org/abs/2208.01618)."""
+
+    backend: Literal["textual-inversion", "none"] = Field(
+        "textual-inversion", description="textual-inversion (diffusers, in process) or none (the composite generator needs no model).")
+    model: str = Field("runwayml/stable-diffusion-v1-5", description="Stable Diffusion v1.x: hub id or local folder.")
+    placeholder: str = Field("<{class_name}>", description="Placeholder token per class ({class_name} is filled in).")
+    initializer_token: str | None = Field(
+        None, description="Token the new embedding starts from; default: the class name's last word if it is one token, else 'object'.")
+    steps: int = Field(1000, ge=1, description="Optimisation steps per class (paper / reference code: 1000... 3000).")
+    lr: float = Field(5e-4, gt=0, description="Learning rate (ASPIRE: 5e-4).")
+    scale_lr: bool = Field(True, description="Multiply lr by batch_size x gradient_accumulation, as the reference code does.")
+    batch_size: int = Field(1, ge=1, description="Images per step.")
+    gradient_accumulation: int = Field(4, ge=1, description="Steps accumulated per optimiser update.")
+    resolution: int = Field(512, ge=32, description="Training resolution (SD v1.x: 512).")
+    repeats: int = Field(100, ge=1, description="How often each image is repeated per epoch of the dataloader.")
+    min_images: int = Field(3, ge=1, description="Fewer kept edits in the top-k groups: use all of the class's kept edits; still fewer: skip the class with a reason.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="auto: fp16 on GPU, none on CPU.")
+    gradient_checkpointing: bool = Field(True, description="Gradient checkpointing of the UNet (GPU only).")
+    seed: int = Field(0, description="Seed of noise, timesteps and data order.")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', ...")
+
+
+class GenerateConfig(Section):
+    """ASPIRE step 5: n x new images per class without the spurious features (Sec. 2(5), App. A.4)."""
+
+    backend: Literal["textual-inversion", "composite"] = Field(
+        "textual-inversion", description="textual-inversion (Stable Diffusion with the learned tokens) or composite "
+        "(the class's core object pasted on backgrounds that are not among its spurious groups; CPU).")
+    per_class: float | None = Field(
+        None, gt=0, description="Images per class as a multiple of the class's training images; default (None): 1x "
+        "the class's training images without group labels, 1x the class's minority-group images with them (App. A.4).")
+    prompt: str = Field("generate_prompt.txt", description="Prompt template file in prompts/ ({token}, {class_name}).")
+    steps: int = Field(50, ge=1, description="textual-inversion: denoising steps.")
+    guidance: float = Field(7.5, ge=1, description="textual-inversion: classifier-free guidance scale.")
+    resolution: int = Field(512, ge=32, description="textual-inversion: output size (multiple of 8).")
+    batch_size: int = Field(4, ge=1, description="Images per pipeline call.")
+    safety_checker: bool = Field(True, description="textual-inversion: drop images the safety checker flags (counted).")
+    clip_filter: bool = Field(False, description="Drop generations that still match a top-k spurious phrase (CLIP).")
+    clip_model: str = Field("openai/clip-vit-base-patch32", description="clip_filter: CLIP hub id or local folder.")
+    clip_threshold: float = Field(0.25, description="clip_filter: cosine similarity to a spurious phrase above which an image is dropped.")
+    image_size: int | None = Field(None, ge=16, description="composite: output size (default: the size of the source images).")
+    object_scale: tuple[float, float] = Field((0.8, 1.2), description="composite: the core object is rescaled by a factor in this range.")
+    seed: int = Field(0, description="Seed; every generated image records its own seed.")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', ...")
+
+
+class RetrainConfig(Section):
+    """ASPIRE step 6: retrain the classifier on the augmented set (Sec. 2(6)); settings default to ``classifier``."""
+
+    method: Literal["erm"] = Field("erm", description="Training method (ERM; the robust-trainer issue adds jtt, dfr, groupdro).")
+    epochs: int | None = Field(None, ge=1, description="Epochs (default: classifier.epochs).")
+
+
 class RunnerConfig(Section):
     """How shards are executed."""
 
@@ -194,6 +250,9 @@ class RunConfig(Section):
     remove: RemoveConfig = RemoveConfig()
     background: BackgroundConfig = BackgroundConfig()
     collapse: CollapseConfig = CollapseConfig()
+    personalize: PersonalizeConfig = PersonalizeConfig()
+    generate: GenerateConfig = GenerateConfig()
+    retrain: RetrainConfig = RetrainConfig()
     runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ JSON_COLUMNS = ("objects", "boxes")
 INT_COLUMNS = ("label", "group")
 BOOL_COLUMNS = ("has_object", "holdout", "correct")
 SKIPPED_COLUMNS = ("path",)  # absolute paths are replaced by file_name
-UNSAFE_CHARACTERS = ("/", "\\", "\0")
+UNSAFE_CHARACTERS = ("/", "\\", "\0", ":")  # ":" also: fsspec (datasets) reads "a::b" as a chained URL
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ def _same_types_in_every_split(rows: list[Row]) -> list[Row]:
 
     ``datasets`` reads each metadata.csv with pandas and refuses splits whose inferred types differ. So every
     row gets every column; columns that are ``None`` in all rows are left out; integer columns with a
-    missing value are written as floats (``2.0``; :func:`decode_metadata_value` reads them back as ints),
+    missing value (ints, or strings of digits) are written as floats (``2.0``; :func:`decode_metadata_value`
+    reads ``label``/``group`` back as ints, other such columns come back as ``"2.0"``),
     since pandas reads an integer column with an empty cell as float. A column empty in a whole split but
     set in another would still be read as float there and string elsewhere: that is logged as a warning.
     """
@@ -145,7 +146,7 @@ def _same_types_in_every_split(rows: list[Row]) -> list[Row]:
     for column in columns:
         values = [row[column] for row in filled]
         set_values = [v for v in values if v is not None]
-        if len(set_values) < len(values) and all(isinstance(v, int) and not isinstance(v, bool) for v in set_values):
+        if len(set_values) < len(values) and all(_integral(v) for v in set_values):
             for row in filled:
                 if row[column] is not None:
                     row[column] = float(row[column])
@@ -156,6 +157,13 @@ def _same_types_in_every_split(rows: list[Row]) -> list[Row]:
                 "metadata.csv files (different column types)", column, sorted(empty_splits),
             )
     return filled
+
+
+def _integral(value: Any) -> bool:
+    """An int, or a string pandas reads as one (``"1"``, as readers keep extra columns such as ``place``)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

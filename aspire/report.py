@@ -14,6 +14,7 @@ from aspire.manifest import Row
 
 STAGE_FIELDS = ("status", "seconds", "cached", "rows_in", "rows_out", "failures")
 GRID_FILE = "edits.png"
+CHART_FILE = "accuracy.png"
 
 
 def _accuracy_block(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -37,8 +38,10 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
                       if "extract" in summaries else None),
         "edits_tried": sum(e.get("edits_tried", 0) for e in edits) if edits else None,
         "edits_kept": sum(e.get("edits_kept", 0) for e in edits) if edits else None,
+        "generated": summaries.get("generate", {}).get("generated"),
         "quarantined": len(quarantine),
     }
+    after = summaries.get("retrain", {}).get("after", {})
     return {
         "stages": {name: {k: s.get(k) for k in STAGE_FIELDS} for name, s in summaries.items()},
         "counts": counts,
@@ -48,7 +51,9 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "flipped": collapse.get("flipped"),
         "skip_reasons": {s: summaries[s].get("skip_reasons") for s in ("remove", "background") if s in summaries},
         "before": _accuracy_block(before.get("test")),
+        "after": _accuracy_block(after.get("test")),
         "before_val": _accuracy_block(before.get("val")),
+        "after_val": _accuracy_block(after.get("val")),
         "quarantine": quarantine,
     }
 
@@ -82,51 +87,90 @@ def _spurious_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict[str, Any], grid: str | None = None) -> str:
+def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str | None = None) -> str:
     """Human-readable report: stage table, counts, accuracy before augmentation, spurious features, quarantine."""
     lines = ["# ASPIRE run report", "", "## Stages", "", "| stage | status | cached | seconds | rows in | rows out | failures |",
              "|---|---|---|---|---|---|---|"]
     for name, s in report["stages"].items():
         lines.append(f"| {name} | {s['status']} | {s['cached']} | {s['seconds']} | {s['rows_in']} | {s['rows_out']} | {s['failures']} |")
     lines += ["", "## Counts", ""] + [f"- {k}: {v}" for k, v in report["counts"].items() if v is not None]
-    before = report.get("before")
+    before, after = report.get("before"), report.get("after")
     if before:
-        lines += ["", "## Accuracy before augmentation (test split)", "",
-                  f"average {_pct(before['avg_acc'])}, worst group {_pct(before['worst_group_acc'])} (group {before['worst_group']})",
-                  "", "| group | accuracy |", "|---|---|"]
-        lines += [f"| {g} | {_pct(a)} |" for g, a in before["per_group"].items()]
+        lines += ["", "## Test accuracy before and after augmentation", "", "| | average | worst group |", "|---|---|---|",
+                  f"| before (ERM) | {_pct(before['avg_acc'])} | {_pct(before['worst_group_acc'])} ({before['worst_group']}) |"]
+        if after:
+            lines.append(f"| after (retrained on the augmented set) | {_pct(after['avg_acc'])} | "
+                         f"{_pct(after['worst_group_acc'])} ({after['worst_group']}) |")
+        lines += ["", "| group | before | after |", "|---|---|---|"]
+        lines += [f"| {g} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
+        if chart:
+            lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("top_k") is not None:
         lines += _spurious_section(report)
     if grid:
-        lines += ["", "## Originals beside their prediction-flipping edits", "", f"![edits]({grid})"]
+        lines += ["", "## Originals beside their prediction-flipping edits, and generated images", "", f"![edits]({grid})"]
     if report["quarantine"]:
         lines += ["", "## Quarantine", "", "| path | reason |", "|---|---|"]
         lines += [f"| {q['path']} | {q['reason']} |" for q in report["quarantine"]]
     return "\n".join(lines) + "\n"
 
 
-def edit_grid(rows: list[Row], out: Path, per_class: int = 4, tile: int = 96) -> Path | None:
-    """A PNG grid, one line per class: (original | kept edit) pairs captioned with the phrase edited."""
-    originals = {r["image_id"]: r for r in rows if "source_image_id" not in r}
-    by_class: dict[str, list[Row]] = {}
+def edit_grid(rows: list[Row], out: Path, per_class: int = 3, tile: int = 96) -> Path | None:
+    """A PNG grid, one line per class: (original | kept edit) pairs captioned with the phrase edited, then
+    generated images of the class."""
+    originals = {r["image_id"]: r for r in rows if "source_image_id" not in r and r.get("source") != "generated"}
+    edits: dict[str, list[Row]] = {}
+    made: dict[str, list[Row]] = {}
     for row in rows:
         if row.get("kept") and row.get("source_image_id") in originals:
-            by_class.setdefault(row["class_name"], []).append(row)
-    if not by_class:
+            edits.setdefault(row["class_name"], []).append(row)
+        elif row.get("source") == "generated":
+            made.setdefault(row["class_name"], []).append(row)
+    names = sorted(set(edits) | set(made))
+    if not names:
         return None
     label_h = 14
-    canvas = Image.new("RGB", (per_class * 2 * tile, len(by_class) * (tile + label_h)), "white")
+    canvas = Image.new("RGB", (per_class * 3 * tile, len(names) * (tile + label_h)), "white")
     draw = ImageDraw.Draw(canvas)
-    for line, (name, edits) in enumerate(sorted(by_class.items())):
+    for line, name in enumerate(names):
         top = line * (tile + label_h)
-        for k, edit in enumerate(edits[:per_class]):
-            for j, path in enumerate((originals[edit["source_image_id"]]["path"], edit["path"])):
-                with Image.open(path) as image:
-                    canvas.paste(image.convert("RGB").resize((tile, tile)), ((2 * k + j) * tile, top))
-            kind = "bg" if edit.get("alt") else "rm"
-            draw.text((2 * k * tile + 2, top + tile), f"{name}: {kind} {edit['phrase']}"[:30], fill="black")
+        pairs = []
+        for e in edits.get(name, [])[:per_class]:
+            pairs += [(originals[e["source_image_id"]]["path"], f"{name}: original"),
+                      (e["path"], f"{'bg' if e.get('alt') else 'rm'} {e['phrase']}")]
+        pairs += [(g["path"], f"generated #{g['seed']}") for g in made.get(name, [])[:per_class]]
+        for k, (path, text) in enumerate(pairs[: per_class * 3]):
+            with Image.open(path) as image:
+                canvas.paste(image.convert("RGB").resize((tile, tile)), (k * tile, top))
+            draw.text((k * tile + 2, top + tile), text[:16], fill="black")
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
+    return out
+
+
+def accuracy_chart(report: dict[str, Any], out: Path) -> Path | None:
+    """A PNG bar chart of per-group test accuracy before and after augmentation."""
+    before, after = report.get("before"), report.get("after")
+    if not before:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(before["per_group"])
+    x = range(len(groups))
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(groups)), 3.6))
+    ax.bar([i - 0.2 for i in x], [before["per_group"][g] for g in groups], width=0.4, label="before (ERM)")
+    if after:
+        ax.bar([i + 0.2 for i in x], [after["per_group"].get(g, 0) for g in groups], width=0.4, label="after (augmented)")
+    ax.set_xticks(list(x), groups, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
     return out
 
 
@@ -136,8 +180,9 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
     workdir.mkdir(parents=True, exist_ok=True)
     report = build_report(summaries)
     grid = edit_grid(edit_rows, workdir / GRID_FILE) if edit_rows else None
+    chart = accuracy_chart(report, workdir / CHART_FILE)
     (workdir / "report.json").write_text(json.dumps(report, indent=1))
-    (workdir / "report.md").write_text(render_markdown(report, GRID_FILE if grid else None))
+    (workdir / "report.md").write_text(render_markdown(report, GRID_FILE if grid else None, CHART_FILE if chart else None))
     with open(workdir / "quarantine.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image_id", "path", "reason"], extrasaction="ignore")
         writer.writeheader()

@@ -26,14 +26,16 @@ from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
 from aspire.cache import StageStore, shards, stage_key
-from aspire.config import RunConfig, load_config
+from aspire.config import DatasetConfig, RunConfig, load_config
 from aspire.manifest import Row, digest
+from aspire.readers import read_dataset
 from aspire.report import render_markdown, write_report
 from aspire.synth import draw_background_bank, draw_benchmark, planted_found
 from flows.runtime import make_task_runner
-from tasks import background, caption, classifier, collapse, extract, holdout, ingest, remove
+from tasks import background, caption, classifier, collapse, export, extract, generate, holdout, ingest, remove, retrain
 
-STAGES = ("ingest", "classifier", "holdout", "caption", "extract", "remove", "background", "collapse")
+STAGES = ("ingest", "classifier", "holdout", "caption", "extract", "remove", "background", "collapse",
+          "personalize", "generate", "export", "retrain")
 
 
 def stage_spec(config: RunConfig, name: str) -> tuple[int, Any, str]:
@@ -51,6 +53,12 @@ def stage_spec(config: RunConfig, name: str) -> tuple[int, Any, str]:
         "background": lambda: (background.VERSION, config.background.model_dump(mode="json", exclude={"device", "batch_size"}),
                                background.editor_identity(config.background, config.remove)),
         "collapse": lambda: (collapse.VERSION, config.collapse, config.collapse.embedder),
+        "personalize": lambda: personalize_spec(config),
+        "generate": lambda: (generate.VERSION, config.generate.model_dump(mode="json", exclude={"device", "batch_size"}),
+                             generate_identity(config)),
+        "export": lambda: (export.VERSION, {"format": config.dataset.format}, "imagefolder"),
+        "retrain": lambda: (retrain.VERSION, classifier.key_config(retrain.retrain_config(config.classifier, config.retrain)),
+                            f"{config.retrain.method}: {classifier.classifier_identity(config.classifier)}"),
     }
     return specs[name]()
 
@@ -62,6 +70,28 @@ def remove_identity(config: RunConfig) -> str:
 
     return " | ".join((grounder_identity(config.remove), segmenter_identity(config.remove),
                        inpainter_identity(config.remove)))
+
+
+def personalize_spec(config: RunConfig) -> tuple[int, Any, str]:
+    if config.personalize.backend == "none":
+        return 1, {"backend": "none"}, "none"
+    from tasks import personalize
+
+    return (personalize.VERSION, config.personalize.model_dump(mode="json", exclude={"device"}),
+            personalize.personalize_identity(config.personalize))
+
+
+def generate_identity(config: RunConfig) -> str:
+    if config.generate.backend == "composite":
+        from tasks.grounders import grounder_identity
+        from tasks.segmenters import segmenter_identity
+
+        return f"composite: {background.BackgroundBank(config.background.bank).identity} | " \
+               f"{grounder_identity(config.remove)} | {segmenter_identity(config.remove)}"
+    from tasks.generate_sd import clip_identity, generator_identity
+
+    clip = clip_identity(config.generate) if config.generate.clip_filter else "no clip filter"
+    return f"{generator_identity(config.generate, config.personalize.model)} | {clip}"
 
 
 def store_for(config: RunConfig, name: str, input_digest: str) -> StageStore:
@@ -236,8 +266,72 @@ def _publish_top_k(config: RunConfig, table: dict) -> None:
                           key=_artifact_key(config, "top-k"), description="ASPIRE top-k spurious feature groups per class")
 
 
+def _summary_of(stores: dict[str, StageStore], name: str) -> dict:
+    return stores[name].stage_marker()["summary"]
+
+
+def _personalize(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    summary = {"rows_in": len(rows), "failures": 0, "tokens": {}, "skipped": {}}
+    if config.personalize.backend == "none":
+        return rows, {**summary, "skipped": {"*": "personalize.backend is none"}}, []
+    from tasks import personalize
+
+    parts = []
+    for name in sorted({r["class_name"] for r in rows if not remove.is_edit(r)}):
+        paths, rule, reason = personalize.select_training_images(rows, name, config.personalize.min_images)
+        if not paths:
+            summary["skipped"][name] = reason
+            continue
+        marker = personalize.personalize_class_task(store, name, [str(p) for p in paths], config.personalize)
+        part = personalize.part_name(name)
+        summary["tokens"][name] = [str(store.part_dir(part) / personalize.EMBEDS_FILE), marker["placeholder"], rule]
+        parts.append(store.part_ref(part))
+    summary["failures"] = len(summary["skipped"])
+    return rows, summary, parts
+
+
+def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    dataset_rows = stores["holdout"].read_rows()
+    counts = generate.images_per_class(dataset_rows, config.generate)
+    labels = {r["class_name"]: r["label"] for r in dataset_rows}
+    jobs = generate.plan_jobs(counts, labels, config.generate.seed)
+    spurious = _summary_of(stores, "collapse")["spurious"]
+    tokens = {c: t[:2] for c, t in _summary_of(stores, "personalize")["tokens"].items()}
+    sources = {c: r[:64] for c, r in generate.core_sources(rows).items()}
+    made, quarantine, info = run_shards(runner, store, jobs, generate.generate_shard_task, config.runner.shard_size,
+                                        config=config.generate, remove=config.remove, background=config.background,
+                                        model=config.personalize.model, tokens=tokens, spurious=spurious, sources=sources)
+    summary = {**info, "planned": counts, "generated": len(made), "failures": len(quarantine)}
+    return rows + made, summary, info["parts"]
+
+
+def _export(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    made = [r for r in rows if r.get("source") == "generated"]
+    augmented = export.augmented_rows(stores["holdout"].read_rows(), made)
+    waterbirds = config.dataset.format == "waterbirds"
+    marker = store.ensure_part(export.DATASET_PART, lambda tmp: export.run_export(augmented, tmp / "data", waterbirds)[1])
+    folder = store.part_dir(export.DATASET_PART) / "data"
+    exported = read_dataset(DatasetConfig(format="hf-imagefolder", root=folder))  # read back as users will
+    summary = {"rows_in": len(rows), "failures": 0, "folder": str(folder), "rows": len(exported),
+               "generated": marker.get("generated"), "by_split_class_source": marker.get("by_split_class_source")}
+    return exported, summary, [store.part_ref(export.DATASET_PART)]
+
+
+def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    settings = retrain.retrain_config(config.classifier, config.retrain)
+    trained = classifier.train_task(store, rows, settings)
+    model_digest = trained["files"][classifier.MODEL_FILE]
+    evaluated = [r for r in rows if r["split"] in ("val", "test")]
+    predicted, _, info = run_shards(runner, store, evaluated, classifier.predict_shard_task, config.runner.shard_size,
+                                    salt=model_digest, model_digest=model_digest)
+    summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
+               "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}
+    return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
+
+
 COMPUTE = {"ingest": _ingest, "classifier": _classifier, "holdout": _holdout, "caption": _caption, "extract": _extract,
-           "remove": _remove, "background": _background, "collapse": _collapse}
+           "remove": _remove, "background": _background, "collapse": _collapse, "personalize": _personalize,
+           "generate": _generate, "export": _export, "retrain": _retrain}
 
 
 @flow(name="aspire")
@@ -275,7 +369,7 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
                 continue
             rows, summaries[name] = run_stage(config, name, store, name in force,
                                               lambda: COMPUTE[name](config, runner, store, rows, stores))
-            if name == "collapse":
+            if name == "generate":  # held-out originals, edits and generated images: the report's grid
                 edit_rows = rows
     report = write_report(config.workdir, summaries, edit_rows)
     create_markdown_artifact(render_markdown(report), key=_artifact_key(config, "report"),

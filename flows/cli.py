@@ -37,10 +37,11 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
 
 
 def _print_summary(report: dict, workdir: Path) -> None:
-    before = report.get("before")
-    if before:
-        typer.echo(f"before augmentation (test): average accuracy {before['avg_acc']:.3f}, "
-                   f"worst-group accuracy {before['worst_group_acc']:.3f} (group {before['worst_group']})")
+    for when in ("before", "after"):
+        block = report.get(when)
+        if block:
+            typer.echo(f"{when} augmentation (test): average accuracy {block['avg_acc']:.3f}, "
+                       f"worst-group accuracy {block['worst_group_acc']:.3f} (group {block['worst_group']})")
     typer.echo(f"counts: {json.dumps({k: v for k, v in report['counts'].items() if v is not None})}")
     planted = report.get("planted_found") or {}
     for name, groups in (report.get("spurious") or {}).items():

@@ -57,6 +57,9 @@ def run_config(tmp_path) -> Path:
         "extract": {"backend": "rules", "synonyms": {"dog": ["husky"]}},
         "remove": {"ground": "annotations", "segment": "grabcut", "inpaint": "opencv"},
         "background": {"backend": "composite", "bank": str(root / "backgrounds")},
+        "personalize": {"backend": "none"},
+        "generate": {"backend": "composite", "per_class": 0.5},
+        "retrain": {"epochs": 1},
         "runner": {"kind": "threads", "n_workers": 2, "shard_size": 64},
     }
     path = tmp_path / "run.yaml"
@@ -132,7 +135,7 @@ def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
     assert result.exit_code == 0, result.output
     assert "worst-group accuracy" in result.output and "quarantined 3 images" in result.output
     result = runner.invoke(app, ["status", str(run_config)])
-    assert [line.split()[1] for line in result.output.splitlines()] == ["done"] * 3 + ["missing"] + ["waiting"] * 4
+    assert [line.split()[1] for line in result.output.splitlines()] == ["done"] * 3 + ["missing"] + ["waiting"] * 8
 
     model = next((tmp_path / "run" / "classifier").iterdir()) / "model" / "DONE.json"
     before = model.stat().st_mtime_ns
