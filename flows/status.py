@@ -23,7 +23,7 @@ def _describe(name: str, store: StageStore) -> dict:
 def stage_status(config: RunConfig) -> list[dict]:
     """One line per stage: ``{"stage", "status", "rows", "key"}`` with status done / partial (n shards) /
     stale (outputs exist only for another config or input) / missing / waiting (upstream not committed)."""
-    from flows.aspire import STAGES, chain
+    from flows.keys import STAGES, chain
     from tasks.ingest import list_dataset
 
     if config.synth is not None and not (config.dataset.root / ".synth-digest").is_file():

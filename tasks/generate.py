@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from aspire.cache import ShardResult, StageStore
 from aspire.config import BackgroundConfig, GenerateConfig, RemoveConfig
 from aspire.manifest import Row, digest
-from aspire.phrases import BowEmbedder, normalize_phrase
+from aspire.phrases import BowEmbedder
 from tasks.background import BackgroundBank
 from tasks.remove import is_edit, load_for_editing
 from tasks.vision import Grounder, Segmenter

@@ -428,7 +428,8 @@ def train_textual_inversion(images: list[Path], placeholder: str, initializer: s
 
     Raises:
         ValueError: bad ``personalize.backend``/``model``/``resolution``/``mixed_precision``/``placeholder``
-            (one already in the vocabulary), an ``initializer_token`` of several tokens, or no images.
+            (one already in the vocabulary), an ``initializer_token`` of several tokens, no images, or
+            ``log_every`` below 1.
         aspire.images.ImageError: an image does not load.
         RuntimeError: after training, a parameter other than the new row changed.
     """
@@ -437,6 +438,8 @@ def train_textual_inversion(images: list[Path], placeholder: str, initializer: s
     start_time = time.perf_counter()
     # 1. Check inputs; add the placeholder to the tokenizer
     device, dtype = _check(images, placeholder, config)
+    if log_every < 1:
+        raise ValueError(f"log_every={log_every}: expected at least 1")
     tokenizer = load_tokenizer(config)
     row, init_row = _add_placeholder(tokenizer, placeholder, initializer)
     # 2. Models: everything frozen except the token embedding, whose new row starts as the initializer's

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aspire.classifier import build_model, load_model, predict_images, save_model, train_erm
+from aspire.classifier import build_model, load_model, predict_images, train_erm
 from aspire.config import ClassifierConfig, HoldoutConfig
 from aspire.cache import file_digest
 from tasks.classifier import load_classifier, run_predict, train_classifier

@@ -12,7 +12,7 @@ import logging
 import time
 
 import pytest
-from fake_openai import FakeOpenAI, Reply, chat, correct, entry, error, items_of, running_fake_openai
+from fake_openai import FakeOpenAI, chat, correct, entry, error, running_fake_openai
 
 from aspire.config import ExtractConfig
 from tasks.extract import CaptionCache, ExtractItem, run_extract

@@ -206,3 +206,33 @@ def test_openai_key_never_reaches_run_folder_logs_artifacts_or_parameters(run_co
     artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 200, "offset": 0}).raise_for_status().json()
     assert runs and artifacts
     assert secret not in json.dumps(runs) and secret not in json.dumps(artifacts)
+
+
+def comparable(report: dict) -> dict:
+    """A report without what legitimately differs between runs (timings, cache hits)."""
+    return {k: v for k, v in report.items() if k != "stages"}
+
+
+def test_killed_run_resumes_to_the_same_report(run_config, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    config = yaml.safe_load(run_config.read_text())
+    config["classifier"]["epochs"] = 3
+    uninterrupted, killed = tmp_path / "uninterrupted.yaml", tmp_path / "killed.yaml"
+    uninterrupted.write_text(yaml.safe_dump({**config, "workdir": str(tmp_path / "run-a")}))
+    killed.write_text(yaml.safe_dump({**config, "workdir": str(tmp_path / "run-b")}))
+    expected = run(uninterrupted)
+
+    # kill -9 in the middle of ERM training (after its first epoch's checkpoint), then run again
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list((tmp_path / "run-b").glob("classifier/*/train-checkpoint.pt")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "run-b" / "report.json").exists()
+    resumed = run(killed)
+    assert comparable(resumed) == comparable(expected)

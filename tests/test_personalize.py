@@ -249,3 +249,22 @@ def test_the_stage_commits_one_part_per_class(tiny_sd, tmp_path):
     assert not (store.root / "checkpoints" / part.name).exists()
     assert personalize_class_task.fn(store, "tabby cat", [str(p) for p in images[:3]], cfg)["cached"]
     assert not personalize_class_task.fn(store, "tabby cat", [str(p) for p in images[1:]], cfg)["cached"]
+
+
+def test_learned_tokens_feed_the_generate_stage(tiny_sd, tmp_path):
+    """personalize -> generate (textual-inversion backend) through the stage functions, on the tiny SD."""
+    from aspire.config import GenerateConfig
+    from tasks.generate import plan_jobs, run_generate_sd
+
+    model, images = tiny_sd
+    store = StageStore(tmp_path, "personalize", "key")
+    marker = personalize_class_task.fn(store, "tabby cat", [str(p) for p in images[:3]], config(model, steps=2))
+    tokens = {"tabby cat": (str(store.part_dir(part_name("tabby cat")) / EMBEDS_FILE), marker["placeholder"])}
+    jobs = plan_jobs({"tabby cat": 3, "dog": 1}, {"tabby cat": 0, "dog": 1}, seed=0)
+    generate_config = GenerateConfig(steps=2, resolution=32, batch_size=2, safety_checker=False, device="cpu")
+    (tmp_path / "out").mkdir()
+    result = run_generate_sd(jobs, generate_config, str(model), tokens, {"tabby cat": [["sofa"]]}, tmp_path / "out")
+    assert [r["class_name"] for r in result.rows] == ["tabby cat"] * 3
+    assert all(Image.open(r["path"]).size == (32, 32) and r["token"] == "<tabby_cat>" for r in result.rows)
+    assert result.rows[0]["spurious_avoided"] == [["sofa"]] and len({r["seed"] for r in result.rows}) == 3
+    assert result.quarantine == [{"image_id": "gen::dog::0", "path": None, "reason": "no learned token for 'dog'"}]

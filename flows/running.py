@@ -1,0 +1,89 @@
+"""Running a stage: committed outputs reused, missing shards submitted to the task runner, summaries
+published as Prefect artifacts."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from typing import Any, Callable
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from tqdm.auto import tqdm
+
+from aspire.cache import StageStore, shards
+from aspire.config import RunConfig
+from aspire.manifest import Row, digest
+
+def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_size: int, salt: str = "",
+               **task_args) -> tuple[list[Row], list[Row], dict]:
+    """Run ``shard_task(store, index, rows, **task_args)`` on ``runner`` for every shard not yet committed,
+    then read all shards back in order. Committed shards are not even submitted: the markers decide."""
+    parts = shards(rows, shard_size)
+    todo = [i for i, part in enumerate(parts) if not store.shard_is_current(i, part, salt)]
+    progress = create_progress_artifact(0.0, description=f"{store.stage}: shards committed")
+    futures = [runner.submit(shard_task, {"store": store, "index": i, "rows": parts[i], **task_args}) for i in todo]
+    with tqdm(total=len(parts), initial=len(parts) - len(todo), desc=store.stage, unit="shard") as bar:
+        for future in as_completed(futures):
+            future.result()  # re-raises the shard's error
+            bar.update(1)
+            update_progress_artifact(progress, 100.0 * bar.n / len(parts))
+    update_progress_artifact(progress, 100.0)
+    out_rows: list[Row] = []
+    quarantine: list[Row] = []
+    stats: dict[str, float] = {}
+    for i in range(len(parts)):
+        result = store.read_shard(i)
+        out_rows += result.rows
+        quarantine += result.quarantine
+        for key, value in result.stats.items():
+            stats[key] = stats.get(key, 0) + value
+    info = {"shards": len(parts), "shards_run": len(todo), "stats": stats, "quarantine": quarantine,
+            "rows_in": len(rows), "failures": len(quarantine),
+            "parts": [store.part_ref(store.shard_name(i)) for i in range(len(parts))]}
+    return out_rows, quarantine, info
+
+
+def artifact_key(config: RunConfig, name: str) -> str:
+    """Artifact keys per workdir (lowercase letters, digits, dashes), so runs of different datasets do
+    not overwrite each other's history."""
+    slug = re.sub(r"[^a-z0-9]+", "-", config.workdir.name.lower()).strip("-") or "run"
+    return f"{slug}-{digest(str(config.workdir))[:6]}-{name}"
+
+
+def publish(config: RunConfig, name: str, summary: dict[str, Any]) -> None:
+    shown = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
+    create_table_artifact([{"field": k, "value": str(v)} for k, v in shown.items()],
+                          key=artifact_key(config, f"stage-{name}"), description=f"ASPIRE stage {name}")
+
+
+def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
+              compute: Callable[[], tuple[list[Row], dict, list[str]]]) -> tuple[list[Row], dict]:
+    """Reuse a committed stage output, or compute it, commit it and publish its summary.
+
+    ``compute()`` returns (rows, summary, parts the output depends on)."""
+    logger = get_run_logger()
+    if force and store.root.exists():
+        logger.info("%s: --force, removing %s", name, store.root)
+        shutil.rmtree(store.root)
+    marker = store.stage_marker()
+    if marker is not None:
+        logger.info("%s: cached (%s, %d rows)", name, store.key, marker["rows"])
+        summary = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
+        publish(config, name, summary)
+        return store.read_rows(), summary
+    start = time.perf_counter()
+    rows, summary, parts = compute()
+    summary = {**summary, "rows_out": len(rows), "key": store.key}
+    store.commit_stage(rows, summary, parts)
+    summary = {**summary, "status": "done", "cached": False, "seconds": round(time.perf_counter() - start, 2)}
+    publish(config, name, summary)
+    logger.info("%s: done in %.1f s (%d rows)", name, summary["seconds"], len(rows))
+    return rows, summary
+
+
+# -- the stages ------------------------------------------------------------------------------------------
+
+

@@ -1,0 +1,172 @@
+"""What each stage of the flow does: gather its inputs, run its shards or its pure function, summarise.
+
+One ``_<stage>(config, runner, store, rows, stores)`` per stage returns (output rows, summary, the parts the
+output depends on); :data:`COMPUTE` maps stage names to them. The logic itself lives in ``tasks/``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prefect import get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from aspire.cache import StageStore
+from aspire.config import DatasetConfig, RunConfig
+from aspire.manifest import Row
+from aspire.readers import read_dataset
+from aspire.synth import planted_found
+from flows.running import artifact_key, run_shards
+from tasks import background, caption, classifier, collapse, export, extract, generate, holdout, ingest, remove, retrain
+
+def _ingest(config: RunConfig, runner, store: StageStore, listing: list[Row], stores: dict[str, StageStore]):
+    rows, quarantine, info = run_shards(runner, store, listing, ingest.ingest_shard_task, config.runner.shard_size)
+    for record in quarantine:
+        get_run_logger().warning("quarantined %s: %s", record["path"], record["reason"])
+    return rows, info, info["parts"]
+
+
+def _classifier(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    trained = classifier.train_task(store, rows, config.classifier)
+    model_digest = trained["files"][classifier.MODEL_FILE]
+    predicted, _, info = run_shards(runner, store, rows, classifier.predict_shard_task, config.runner.shard_size,
+                                    salt=model_digest, model_digest=model_digest)
+    summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
+               "final_train_acc": trained.get("final_train_acc")}
+    return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
+
+
+def _holdout(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    selected = holdout.select_holdout(rows, config.holdout)
+    summary = {"rows_in": len(rows), "failures": 0, "train": sum(r["split"] == "train" for r in selected),
+               "holdout": sum(r["holdout"] for r in selected), "before": holdout.evaluate(selected)}
+    return selected, summary, []
+
+
+def _caption(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    held = [r for r in rows if r.get("holdout")]
+    captioned, _, info = run_shards(runner, store, held, caption.caption_shard_task, config.runner.shard_size,
+                                    config=config.caption)
+    seconds, n = info["stats"].get("seconds", 0.0), info["stats"].get("captioned", 0)
+    return captioned, {**info, "seconds_per_image": round(seconds / n, 4) if n else None}, info["parts"]
+
+
+def _extract(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    cache_dir = config.workdir / "cache" / "extract"
+    extracted, _, info = run_shards(runner, store, rows, extract.extract_shard_task, config.runner.shard_size,
+                                    config=config.extract, cache_dir=cache_dir)
+    info = {**info, "failures": sum(r["extract_error"] is not None for r in extracted),
+            "errors": [{"image_id": r["image_id"], "reason": r["extract_error"]} for r in extracted if r["extract_error"]]}
+    return extracted, info, info["parts"]
+
+
+def _model(stores: dict[str, StageStore]) -> dict:
+    """The committed classifier's path and digest, for the stages that re-classify edits."""
+    store = stores["classifier"]
+    return {"model_path": store.part_dir(classifier.MODEL_PART) / classifier.MODEL_FILE,
+            "model_digest": store.read_marker(classifier.MODEL_PART)["files"][classifier.MODEL_FILE]}
+
+
+def _edit_summary(info: dict, rows: list[Row]) -> dict:
+    reasons = Counter(r["skip_reason"] for r in rows if remove.is_edit(r) and r["skip_reason"])
+    return {**info, "edits_tried": info["stats"].get("edits_tried", 0), "edits_kept": info["stats"].get("edits_kept", 0),
+            "skip_reasons": dict(reasons.most_common()), "failures": sum(reasons.values())}
+
+
+def _remove(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    model = _model(stores)
+    out, _, info = run_shards(runner, store, rows, remove.remove_shard_task, config.runner.shard_size,
+                              salt=model["model_digest"], config=config.remove, **model)
+    return out, _edit_summary(info, [r for r in out if r.get("source") == remove.EDIT_SOURCE]), info["parts"]
+
+
+def _background(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    model = _model(stores)
+    out, _, info = run_shards(runner, store, rows, background.background_shard_task, config.runner.shard_size,
+                              salt=model["model_digest"], config=config.background, remove=config.remove, **model)
+    return out, _edit_summary(info, [r for r in out if r.get("source") == background.EDIT_SOURCE]), info["parts"]
+
+
+def _collapse(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    out, summary = collapse.run_collapse(rows, config.collapse, collapse.load_embedder(config.collapse))
+    if config.synth is not None:  # the benchmark knows what was planted: say whether it was found
+        summary["planted"] = planted_found(config.synth, summary["spurious"])
+    _publish_top_k(config, summary["top_k"])
+    return out, summary, []
+
+
+def _publish_top_k(config: RunConfig, table: dict) -> None:
+    rows = [{"class": c, "rank": i + 1, "edits flipped": g["count"], "phrases": ", ".join(g["phrases"])}
+            for c, groups in table.items() for i, g in enumerate(groups)]
+    create_table_artifact(rows or [{"class": "-", "rank": "-", "edits flipped": 0, "phrases": "no edit flipped a prediction"}],
+                          key=artifact_key(config, "top-k"), description="ASPIRE top-k spurious feature groups per class")
+
+
+def _summary_of(stores: dict[str, StageStore], name: str) -> dict:
+    return stores[name].stage_marker()["summary"]
+
+
+def _personalize(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    summary = {"rows_in": len(rows), "failures": 0, "tokens": {}, "skipped": {}}
+    if config.personalize.backend == "none":
+        return rows, {**summary, "skipped": {"*": "personalize.backend is none"}}, []
+    from tasks import personalize
+
+    parts = []
+    for name in sorted({r["class_name"] for r in rows if not remove.is_edit(r)}):
+        paths, rule, reason = personalize.select_training_images(rows, name, config.personalize.min_images)
+        if not paths:
+            summary["skipped"][name] = reason
+            continue
+        marker = personalize.personalize_class_task(store, name, [str(p) for p in paths], config.personalize)
+        part = personalize.part_name(name)
+        summary["tokens"][name] = [str(store.part_dir(part) / personalize.EMBEDS_FILE), marker["placeholder"], rule]
+        parts.append(store.part_ref(part))
+    summary["failures"] = len(summary["skipped"])
+    return rows, summary, parts
+
+
+def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    dataset_rows = stores["holdout"].read_rows()
+    counts = generate.images_per_class(dataset_rows, config.generate)
+    labels = {r["class_name"]: r["label"] for r in dataset_rows}
+    jobs = generate.plan_jobs(counts, labels, config.generate.seed)
+    spurious = _summary_of(stores, "collapse")["spurious"]
+    tokens = {c: t[:2] for c, t in _summary_of(stores, "personalize")["tokens"].items()}
+    sources = {c: r[:64] for c, r in generate.core_sources(rows).items()}
+    made, quarantine, info = run_shards(runner, store, jobs, generate.generate_shard_task, config.runner.shard_size,
+                                        config=config.generate, remove=config.remove, background=config.background,
+                                        model=config.personalize.model, tokens=tokens, spurious=spurious, sources=sources)
+    summary = {**info, "planned": counts, "generated": len(made), "failures": len(quarantine)}
+    return rows + made, summary, info["parts"]
+
+
+def _export(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    made = [r for r in rows if r.get("source") == "generated"]
+    augmented = export.augmented_rows(stores["holdout"].read_rows(), made)
+    waterbirds = config.dataset.format == "waterbirds"
+    marker = store.ensure_part(export.DATASET_PART, lambda tmp: export.run_export(augmented, tmp / "data", waterbirds)[1])
+    folder = store.part_dir(export.DATASET_PART) / "data"
+    exported = read_dataset(DatasetConfig(format="hf-imagefolder", root=folder))  # read back as users will
+    summary = {"rows_in": len(rows), "failures": 0, "folder": str(folder), "rows": len(exported),
+               "generated": marker.get("generated"), "by_split_class_source": marker.get("by_split_class_source")}
+    return exported, summary, [store.part_ref(export.DATASET_PART)]
+
+
+def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    settings = retrain.retrain_config(config.classifier, config.retrain)
+    trained = classifier.train_task(store, rows, settings)
+    model_digest = trained["files"][classifier.MODEL_FILE]
+    evaluated = [r for r in rows if r["split"] in ("val", "test")]
+    predicted, _, info = run_shards(runner, store, evaluated, classifier.predict_shard_task, config.runner.shard_size,
+                                    salt=model_digest, model_digest=model_digest)
+    summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
+               "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}
+    return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
+
+
+COMPUTE = {"ingest": _ingest, "classifier": _classifier, "holdout": _holdout, "caption": _caption, "extract": _extract,
+           "remove": _remove, "background": _background, "collapse": _collapse, "personalize": _personalize,
+           "generate": _generate, "export": _export, "retrain": _retrain}
+
+
