@@ -4,7 +4,8 @@ whether the prediction flips.
 ASPIRE Sec. 2(4.b) and A.6 (https://arxiv.org/abs/2308.10103). Backends: ``instruct-pix2pix``
 (:mod:`tasks.instruct_pix2pix`, "turn the background from {background} to {alt}") and ``composite`` (this
 module: the image's foreground, found by the remove stage's grounder and segmenter, pasted on an image of
-the alternative background from a bank with one folder per background name).
+the alternative background from a bank with one folder per background name; when the bank has no images of
+the proposed alternative, a bank background unlike the original one is used and recorded as ``alt_used``).
 
 Output: the input rows unchanged plus one attempt row per held-out image (``source="edit-background"``,
 ``phrase`` = the original background, ``alt``), with the same keep rule and fields as the remove stage.
@@ -69,6 +70,13 @@ class BackgroundBank:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if folder else []
         return files[int(digest(key), 16) % len(files)] if files else None
 
+    def unlike(self, name: str, key: str) -> str | None:
+        """A bank background not similar to ``name`` (bag of stems < 0.5), chosen deterministically for ``key``."""
+        names = list(self.folders)
+        vectors = BowEmbedder().embed(names + [normalize_phrase(name)])
+        others = [n for n, score in zip(names, vectors[:-1] @ vectors[-1]) if score < 0.5 - 1e-6]
+        return others[int(digest([key, name]), 16) % len(others)] if others else None
+
 
 class CompositeEditor:
     """Paste the foreground (class object + foreground phrases, grounded and segmented) on a bank image."""
@@ -78,10 +86,11 @@ class CompositeEditor:
         self.grounder, self.segmenter, self.dilate = grounder, segmenter, max(3, remove.dilate // 3)
         self.identity = f"composite:{self.bank.identity}:{grounder.identity}:{segmenter.identity}"
 
-    def edit_one(self, image: Image.Image, alt: str, row: Row) -> Image.Image | str:
-        backdrop_path = self.bank.pick(alt, row["image_id"])
+    def edit_one(self, image: Image.Image, background: str, alt: str, row: Row) -> Image.Image | str:
+        used = alt if self.bank.folder(alt) is not None else self.bank.unlike(background, row["image_id"])
+        backdrop_path = self.bank.pick(used, row["image_id"]) if used else None
         if backdrop_path is None:
-            return f"no bank images for {alt!r}"
+            return f"no bank images for {alt!r} nor for any background unlike {background!r}"
         phrases = [row["class_name"].replace("_", " "), *(row.get("foreground") or [])]
         detections = self.grounder.ground(image, phrases, row)
         if not detections:
@@ -91,10 +100,12 @@ class CompositeEditor:
             mask |= m
         mask = dilate(mask, self.dilate)  # keep a thin rim of the original around the pasted foreground
         backdrop = load_rgb(backdrop_path).resize(image.size, Image.BILINEAR)
-        return Image.fromarray(np.where(mask[..., None], np.asarray(image), np.asarray(backdrop)))
+        edited = Image.fromarray(np.where(mask[..., None], np.asarray(image), np.asarray(backdrop)))
+        edited.info["alt_used"] = used  # the bank may lack the proposed alternative: say which one was pasted
+        return edited
 
     def edit(self, images: list[Image.Image], backgrounds: list[str], alts: list[str], rows: list[Row]) -> list[Image.Image | str]:
-        return [self.edit_one(image, alt, row) for image, alt, row in zip(images, alts, rows)]
+        return [self.edit_one(*args) for args in zip(images, backgrounds, alts, rows)]
 
 
 def load_editor(config: BackgroundConfig, remove: RemoveConfig) -> BackgroundEditor:
@@ -144,7 +155,10 @@ def edit_batch(rows: list[Row], config: BackgroundConfig, editor: BackgroundEdit
             log.warning("background: editing failed for a batch of %d: %s", len(todo), exc)
             edited = [f"{type(exc).__name__}: {exc}"] * len(todo)
         for record, image in zip(records, edited):
-            results.append(({**record, "skip_reason": image}, None) if isinstance(image, str) else (record, image))
+            if isinstance(image, str):
+                results.append(({**record, "skip_reason": image}, None))
+            else:
+                results.append(({**record, "alt_used": image.info.get("alt_used", record["alt"])}, image))
     return results
 
 

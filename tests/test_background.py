@@ -47,7 +47,9 @@ def test_composite_keeps_the_foreground_and_flips_on_a_red_desert(tmp_path):
     assert desert["kept"] and desert["phrase"] == "snow" and desert["alt"] == "desert"
     pixels = np.asarray(Image.open(desert["path"]))
     assert tuple(pixels[30, 30]) == (128, 128, 128) and tuple(pixels[2, 2]) == (230, 20, 20)
-    assert edits["to-forest"]["skip_reason"] == "no bank images for 'forest'"
+    forest = edits["to-forest"]  # no forest in the bank: a background unlike snow is pasted instead
+    assert forest["skip_reason"] is None and forest["alt"] == "forest" and forest["alt_used"] == "desert"
+    assert desert["alt_used"] == "desert"
     assert edits["no-bg"]["skip_reason"] == "no background"
 
 
