@@ -29,11 +29,12 @@ def main() -> None:
     from prefect import flow
 
     from flows.aspire import aspire_flow
+    from flows.cli import demo_overrides
 
     start = time.perf_counter()
     flow(name="warm-up")(lambda: None)()
     startup = time.perf_counter() - start
-    overrides = [f"workdir={args.workdir}", f"dataset.root={args.workdir / 'benchmark'}"]
+    overrides = demo_overrides(args.workdir.resolve())
     timings = {}
     for name in ("cold", "warm", "one shard deleted"):
         if name == "one shard deleted":

@@ -53,13 +53,18 @@ def _print_summary(report: dict, workdir: Path) -> None:
     typer.echo(f"report: {workdir / 'report.md'}")
 
 
+def demo_overrides(workdir: Path) -> list[str]:
+    """The demo config's paths moved under ``workdir`` (values JSON-quoted: any path survives YAML parsing)."""
+    benchmark = workdir / "benchmark"
+    return [f"workdir={json.dumps(str(workdir))}", f"dataset.root={json.dumps(str(benchmark))}",
+            f"background.bank={json.dumps(str(benchmark / 'backgrounds'))}"]
+
+
 @app.command()
 def demo(workdir: Path = typer.Option(Path("data/runs/demo"), help="Where the benchmark and all outputs go.")) -> None:
     """Draw the synthetic benchmark and run the pipeline on it with weight-free backends on CPU."""
     workdir = workdir.resolve()
-    overrides = [f"workdir={json.dumps(str(workdir))}", f"dataset.root={json.dumps(str(workdir / 'benchmark'))}",
-                 f"background.bank={json.dumps(str(workdir / 'benchmark' / 'backgrounds'))}"]
-    report = _run_flow(DEMO_CONFIG, overrides)
+    report = _run_flow(DEMO_CONFIG, demo_overrides(workdir))
     _print_summary(report, workdir)
 
 
