@@ -101,7 +101,8 @@ def save_tiny_hf_grounding_dino(folder: Path, seed: int = 0) -> Path:
     )
 
     tokenizer = BertTokenizerFast(str(write_vocab(folder.parent / f"{folder.name}-vocab")))
-    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    # >= 128 px: the extra feature level of a smaller image is 1x1, which GroupNorm refuses
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 128, "longest_edge": 160})
     backbone = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
                             out_features=["stage2", "stage3", "stage4"])
     config = GroundingDinoConfig(
