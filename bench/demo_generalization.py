@@ -4,7 +4,8 @@ Usage: .venv/bin/python bench/demo_generalization.py [--seed 1] [--workdir DIR]
 
 Runs the demo config (configs/demo.yaml) on a benchmark drawn with ``--seed`` and renamed features
 (cat/fish/plane with ball/net/kite on couch/ocean/sky/forest), and prints whether every planted feature was
-found in its class's top-3 and the test accuracy before and after augmentation.
+found in its class's top-3 and the test accuracy before and after augmentation. (Class shapes must be
+tellable apart at 64 px: a hexagon against a circle is not, and then no augmentation can help.)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flows.runtime import prefect_defaults
 REPO = Path(__file__).resolve().parents[1]
 RENAMED = {
     "classes": [
-        {"name": "cat", "shape": "hexagon", "color": [120, 110, 100], "words": ["a cat", "two cats", "a kitten", "a tabby cat"],
+        {"name": "cat", "shape": "square", "color": [120, 110, 100], "words": ["a cat", "two cats", "a kitten", "a tabby cat"],
          "background": "couch", "object": "ball"},
         {"name": "fish", "shape": "circle", "color": [120, 110, 100], "words": ["a fish", "two fish", "a small fish", "a goldfish"],
          "background": "ocean", "object": "net"},
@@ -30,7 +31,7 @@ RENAMED = {
          "background": "sky", "object": "kite"},
     ],
     "objects": [
-        {"name": "ball", "shape": "square", "color": [230, 60, 60], "words": ["a ball", "a red ball", "a rubber ball"]},
+        {"name": "ball", "shape": "diamond", "color": [230, 60, 60], "words": ["a ball", "a red ball", "a rubber ball"]},
         {"name": "net", "shape": "cross", "color": [240, 240, 240], "words": ["a net", "a white net", "a fishing net"]},
         {"name": "kite", "shape": "star", "color": [250, 200, 30], "words": ["a kite", "a yellow kite", "a paper kite"]},
     ],
