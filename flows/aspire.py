@@ -24,6 +24,7 @@ from flows.runtime import make_task_runner
 from flows.stages import COMPUTE
 from tasks import ingest
 
+
 @flow(name="aspire")
 def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str = STAGES[-1],
                 force: list[str] | None = None) -> dict:

@@ -12,7 +12,19 @@ from typing import Any, Callable, Iterator
 from aspire.cache import StageStore, stage_key
 from aspire.config import RunConfig
 from aspire.manifest import Row
-from tasks import background, caption, classifier, collapse, export, extract, generate, holdout, ingest, remove, retrain
+from tasks import (
+    background,
+    caption,
+    classifier,
+    collapse,
+    export,
+    extract,
+    generate,
+    holdout,
+    ingest,
+    remove,
+    retrain,
+)
 
 STAGES = ("ingest", "classifier", "holdout", "caption", "extract", "remove", "background", "collapse",
           "personalize", "generate", "export", "retrain")

@@ -9,13 +9,18 @@ import time
 from typing import Any, Callable
 
 from prefect import get_run_logger
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
 from aspire.cache import StageStore, shards
 from aspire.config import RunConfig
 from aspire.manifest import Row, digest
+
 
 def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_size: int, salt: str = "",
                **task_args) -> tuple[list[Row], list[Row], dict]:

@@ -17,7 +17,20 @@ from aspire.manifest import Row
 from aspire.readers import read_dataset
 from aspire.synth import planted_found
 from flows.running import artifact_key, run_shards
-from tasks import background, caption, classifier, collapse, export, extract, generate, holdout, ingest, remove, retrain
+from tasks import (
+    background,
+    caption,
+    classifier,
+    collapse,
+    export,
+    extract,
+    generate,
+    holdout,
+    ingest,
+    remove,
+    retrain,
+)
+
 
 def _ingest(config: RunConfig, runner, store: StageStore, listing: list[Row], stores: dict[str, StageStore]):
     rows, quarantine, info = run_shards(runner, store, listing, ingest.ingest_shard_task, config.runner.shard_size)

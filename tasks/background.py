@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from aspire.cache import ShardResult, StageStore
 from aspire.config import BackgroundConfig, RemoveConfig
 from aspire.images import ImageError, load_rgb
-from aspire.readers import IMAGE_EXTENSIONS
 from aspire.manifest import Row, digest
 from aspire.phrases import BowEmbedder, normalize_phrase
+from aspire.readers import IMAGE_EXTENSIONS
 from tasks.remove import attempt_row, classify_and_keep, is_edit, load_for_editing
 from tasks.vision import BackgroundEditor, Grounder, Segmenter, dilate
 

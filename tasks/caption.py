@@ -14,7 +14,6 @@ Columns added: ``caption`` (str, the new caption), ``caption_backend`` (str) and
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from aspire.cache import ShardResult, StageStore
 from aspire.classifier import resolve_device
 from aspire.config import CaptionConfig
+from aspire.identity import expand_ref, model_identity
 from aspire.images import ImageError, load_rgb
 from aspire.manifest import Row
 
@@ -40,11 +40,6 @@ STAGE = "caption"
 VERSION = 1
 BACKENDS = ("git", "blip", "metadata")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SMALL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-                "tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "merges.txt")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
 @dataclass(frozen=True)
 class Skipped:
     """A row a captioner could not caption, and why (becomes a quarantine record)."""
@@ -67,29 +62,6 @@ class Captioner(Protocol):
 # -- identity ------------------------------------------------------------------------------------------------
 
 
-def _model_ref(config: CaptionConfig) -> str:
-    """``caption.model`` as passed to ``from_pretrained`` (a leading ``~`` expanded)."""
-    return str(Path(config.model).expanduser()) if config.model.startswith("~") else config.model
-
-
-def _folder_digest(folder: Path) -> str:
-    """Digest of a local model folder: its small config/tokenizer files in full, and for each weight file its
-    size and first and last MiB (cheap for multi-GB checkpoints, yet any retrained weights change it)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if path.name in _SMALL_FILES:
-            h.update(f"{name}\0".encode() + path.read_bytes())
-        elif path.suffix in _WEIGHT_SUFFIXES:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(1 << 20)
-                f.seek(max(0, size - (1 << 20)))
-                tail = f.read()
-            h.update(f"{name}\0{size}\0".encode() + head + tail)
-    return h.hexdigest()[:16]
-
-
 def captioner_identity(config: CaptionConfig) -> str:
     """What the stage key records about the backend, without loading the model.
 
@@ -103,10 +75,7 @@ def captioner_identity(config: CaptionConfig) -> str:
         raise ValueError(f"caption.backend={config.backend!r}: expected one of {', '.join(BACKENDS)}")
     if config.backend == "metadata":
         return "metadata"
-    folder = Path(_model_ref(config))
-    if folder.is_dir():
-        return f"{config.backend}:{folder.resolve()}@{_folder_digest(folder)}"
-    return f"{config.backend}:{config.model}"
+    return f"{config.backend}:{model_identity(config.model)}"
 
 
 # -- backends ------------------------------------------------------------------------------------------------
@@ -118,7 +87,7 @@ def _check_model_config(config: CaptionConfig) -> torch.device:
     Raises:
         ValueError: a path-like ``caption.model`` that does not exist, or float16 on a CPU.
     """
-    model = _model_ref(config)
+    model = expand_ref(config.model)
     looks_like_path = model.startswith(("/", ".")) or Path(model).exists()
     if looks_like_path and not Path(model).is_dir():
         raise ValueError(f"caption.model={config.model!r}: no such folder (expected a local model folder or a hub id)")
@@ -132,7 +101,7 @@ def _check_model_config(config: CaptionConfig) -> torch.device:
 def _from_pretrained(loader, config: CaptionConfig, **kwargs):
     """``loader.from_pretrained(caption.model, ...)`` with transformers' errors turned into one naming the key."""
     try:
-        return loader.from_pretrained(_model_ref(config), **kwargs)
+        return loader.from_pretrained(expand_ref(config.model), **kwargs)
     except (OSError, ValueError) as exc:
         raise ValueError(f"caption.model={config.model!r}: cannot load {getattr(loader, '__name__', loader)} "
                          f"as a local folder or hub id ({type(exc).__name__}: {exc})") from exc

@@ -21,7 +21,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from aspire.cache import ShardResult, StageStore, file_digest
-from aspire.classifier import build_model, load_model, predict_images, save_model, train_erm
+from aspire.classifier import (
+    build_model,
+    load_model,
+    predict_images,
+    save_model,
+    train_erm,
+)
 from aspire.config import ClassifierConfig
 from aspire.images import ImageError, load_rgb
 from aspire.manifest import Row, class_names

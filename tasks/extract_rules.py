@@ -18,7 +18,7 @@ from nltk.tokenize import TreebankWordTokenizer
 
 from aspire.config import ExtractConfig
 from aspire.manifest import digest
-from tasks.extract import BatchResult, ExtractItem, Extraction, prompt_file
+from tasks.extract import BatchResult, Extraction, ExtractItem, prompt_file
 
 SCENE_PREPOSITIONS = {"in", "on", "at", "by", "near", "under", "underneath", "beneath", "inside", "outside",
                       "over", "across", "along", "against", "through", "atop", "among", "around", "above"}

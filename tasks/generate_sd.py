@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from aspire.classifier import resolve_device
 from aspire.config import GenerateConfig
+from aspire.identity import expand_ref, model_identity
 from aspire.manifest import digest
 from tasks.extract import prompt_file
 
@@ -34,40 +35,7 @@ BACKEND = "textual-inversion"
 FILTERED = "filtered by the safety checker"
 CLIP_TEXT = "a photo of {phrase}"
 _CLIP_BATCH = 64  # images per CLIP forward: small next to the model, bounded memory for big shards
-_TEXT_SUFFIXES = (".json", ".txt")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
 # -- identity ------------------------------------------------------------------------------------------------
-
-
-def _ref(name: str) -> str:
-    """A model name as passed to ``from_pretrained`` (a leading ``~`` expanded)."""
-    return str(Path(name).expanduser()) if name.startswith("~") else name
-
-
-def _folder_digest(folder: Path) -> str:
-    """Digest of a local model folder: its json/txt files in full, and each weight file's size and first and
-    last MiB (cheap for multi-GB checkpoints, yet any retrained weights change it)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if path.suffix in _TEXT_SUFFIXES:
-            h.update(f"{name}\0".encode() + path.read_bytes())
-        elif path.suffix in _WEIGHT_SUFFIXES:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(1 << 20)
-                f.seek(max(0, size - (1 << 20)))
-                tail = f.read()
-            h.update(f"{name}\0{size}\0".encode() + head + tail)
-    return h.hexdigest()[:16]
-
-
-def _model_identity(name: str) -> str:
-    """``<hub id>`` or ``<absolute folder>@<digest of its files>``."""
-    folder = Path(_ref(name))
-    return f"{folder.resolve()}@{_folder_digest(folder)}" if folder.is_dir() else name
 
 
 def _template(config: GenerateConfig) -> str:
@@ -78,12 +46,12 @@ def _template(config: GenerateConfig) -> str:
 def generator_identity(config: GenerateConfig, model: str) -> str:
     """What the generations depend on beyond the config and the learned embeddings, without loading anything:
     ``textual-inversion:<model identity>:prompt=<digest of the template text>``."""
-    return f"{BACKEND}:{_model_identity(model)}:prompt={digest({'template': _template(config)})}"
+    return f"{BACKEND}:{model_identity(model)}:prompt={digest({'template': _template(config)})}"
 
 
 def clip_identity(config: GenerateConfig) -> str:
     """``clip:<hub id>`` or ``clip:<absolute folder>@<digest>``, without loading the model."""
-    return f"clip:{_model_identity(config.clip_model)}"
+    return f"clip:{model_identity(config.clip_model)}"
 
 
 # -- checks --------------------------------------------------------------------------------------------------
@@ -91,7 +59,7 @@ def clip_identity(config: GenerateConfig) -> str:
 
 def _check_folder(key: str, name: str) -> None:
     """A path-like model name must be an existing folder (anything else is taken for a hub id)."""
-    ref = _ref(name)
+    ref = expand_ref(name)
     if (ref.startswith(("/", ".")) or Path(ref).exists()) and not Path(ref).is_dir():
         raise ValueError(f"{key}={name!r}: no such folder (expected a local model folder or a hub id)")
 
@@ -161,7 +129,7 @@ class SDGenerator:
         # 2. Load the pipeline (without its safety checker when disabled: nothing is loaded for it)
         kwargs = {} if config.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(_ref(model), torch_dtype=self.dtype, **kwargs)
+            pipe = StableDiffusionPipeline.from_pretrained(expand_ref(model), torch_dtype=self.dtype, **kwargs)
         except (OSError, ValueError) as exc:
             raise ValueError(f"personalize.model={model!r}: cannot load a StableDiffusionPipeline as a local "
                              f"folder or hub id ({type(exc).__name__}: {exc})") from exc
@@ -274,8 +242,8 @@ class ClipFilter:
         self.config = config
         self.identity = clip_identity(config)
         try:
-            self.processor = CLIPProcessor.from_pretrained(_ref(config.clip_model))
-            model = CLIPModel.from_pretrained(_ref(config.clip_model))
+            self.processor = CLIPProcessor.from_pretrained(expand_ref(config.clip_model))
+            model = CLIPModel.from_pretrained(expand_ref(config.clip_model))
         except (OSError, ValueError, TypeError) as exc:
             raise ValueError(f"generate.clip_model={config.clip_model!r}: cannot load a CLIP model and processor "
                              f"as a local folder or hub id ({type(exc).__name__}: {exc})") from exc

@@ -17,7 +17,6 @@ thresholds). ``forward_calls`` counts the forward passes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import re
 import threading
@@ -28,59 +27,22 @@ from PIL import Image
 
 from aspire.classifier import resolve_device
 from aspire.config import RemoveConfig
-from aspire.manifest import Row
+from aspire.identity import expand_ref, model_identity, weights_digest
+from aspire.manifest import Row, digest
 from aspire.phrases import phrase_root
 from tasks.vision import Box, Detection, Grounder
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("groundingdino", "hf-grounding-dino", "annotations")
-_SMALL_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer_config.json",
-                "tokenizer.json", "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_MIB = 1 << 20
-
-
 # -- identity ------------------------------------------------------------------------------------------------
-
-
-def _file_digest(path: Path, h) -> None:
-    """Feed ``h`` with a file's size and first and last MiB (cheap for multi-GB weights)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(_MIB)
-        f.seek(max(0, size - _MIB))
-        h.update(f"{size}\0".encode() + head + f.read())
-
-
-def _folder_digest(folder: Path) -> str:
-    """Small config/tokenizer files in full, weight files by size and first/last MiB."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if path.name in _SMALL_FILES:
-            h.update(f"{name}\0".encode() + path.read_bytes())
-        elif path.suffix in _WEIGHT_SUFFIXES:
-            h.update(f"{name}\0".encode())
-            _file_digest(path, h)
-    return h.hexdigest()[:16]
-
-
-def _model_ref(value: str | Path) -> str:
-    return str(Path(value).expanduser()) if str(value).startswith("~") else str(value)
-
-
-def _ref_identity(value: str) -> str:
-    """A hub id as is; a local folder as ``<absolute path>@<digest>``."""
-    folder = Path(_model_ref(value))
-    return f"{folder.resolve()}@{_folder_digest(folder)}" if folder.is_dir() else value
 
 
 def _existing_file(value: Path | None, key: str) -> Path:
     """``remove.<key>`` as an existing file, else a ValueError naming the key."""
     if value is None:
         raise ValueError(f"remove.{key} is not set: remove.ground='groundingdino' needs it")
-    path = Path(_model_ref(value))
+    path = Path(expand_ref(value))
     if not path.is_file():
         raise ValueError(f"remove.{key}={str(value)!r}: no such file")
     return path
@@ -99,12 +61,11 @@ def grounder_identity(config: RemoveConfig) -> str:
         return "annotations"
     thresholds = f"box={config.box_threshold:g},text={config.text_threshold:g}"
     if config.ground == "hf-grounding-dino":
-        return f"hf-grounding-dino:{_ref_identity(config.ground_model)}:{thresholds}"
-    h = hashlib.sha256()
+        return f"hf-grounding-dino:{model_identity(config.ground_model)}:{thresholds}"
     cfg = _existing_file(config.groundingdino_config, "groundingdino_config")
-    h.update(cfg.read_bytes())
-    _file_digest(_existing_file(config.groundingdino_checkpoint, "groundingdino_checkpoint"), h)
-    return f"groundingdino:{h.hexdigest()[:16]}:{_ref_identity(config.text_encoder)}:{thresholds}"
+    checkpoint = weights_digest(_existing_file(config.groundingdino_checkpoint, "groundingdino_checkpoint"))
+    return (f"groundingdino:{digest([cfg.read_text(), checkpoint])}:{model_identity(config.text_encoder)}:"
+            f"{thresholds}")
 
 
 # -- shared helpers ------------------------------------------------------------------------------------------
@@ -218,7 +179,7 @@ class HFGroundingDino:
 
         self.config = config
         self.device = resolve_device(config.device)
-        ref = _model_ref(config.ground_model)
+        ref = expand_ref(config.ground_model)
         if (ref.startswith(("/", ".")) or Path(ref).exists()) and not Path(ref).is_dir():
             raise ValueError(f"remove.ground_model={config.ground_model!r}: no such folder (expected a local "
                              "model folder or a hub id)")
@@ -295,7 +256,7 @@ class GroundingDinoPy:
 
         cfg_path = _existing_file(config.groundingdino_config, "groundingdino_config")
         ckpt_path = _existing_file(config.groundingdino_checkpoint, "groundingdino_checkpoint")
-        encoder = _model_ref(config.text_encoder)
+        encoder = expand_ref(config.text_encoder)
         if not Path(encoder).is_dir() and encoder != "bert-base-uncased":
             raise ValueError(f"remove.text_encoder={config.text_encoder!r}: expected a local BERT folder or "
                              "'bert-base-uncased' (groundingdino-py supports no other hub id)")

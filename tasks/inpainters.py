@@ -13,7 +13,6 @@ input sizes out; unmasked pixels come back unchanged.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -26,6 +25,7 @@ from PIL import Image
 
 from aspire.classifier import resolve_device
 from aspire.config import RemoveConfig
+from aspire.identity import weights_digest
 from tasks.vision import Inpainter
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,6 @@ def lama_model_path() -> Path:
     return path
 
 
-def _file_digest(path: Path) -> str:
-    """Size and first and last MiB of a weight file: cheap, yet any retrained weights change it."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-        f.seek(max(0, size - (1 << 20)))
-        tail = f.read()
-    return hashlib.sha256(f"{size}\0".encode() + head + tail).hexdigest()[:16]
-
-
 def inpainter_identity(config: RemoveConfig) -> str:
     """What the inpainted pixels depend on, without loading anything.
 
@@ -87,7 +77,7 @@ def inpainter_identity(config: RemoveConfig) -> str:
     if config.inpaint == "opencv":
         return f"opencv:{config.opencv_method}:r{OPENCV_RADIUS}"
     path = lama_model_path()
-    return f"lama:{path.name}:{path.stat().st_size}@{_file_digest(path)}"
+    return f"lama:{path.name}:{path.stat().st_size}@{weights_digest(path)}"
 
 
 # -- backends ------------------------------------------------------------------------------------------------

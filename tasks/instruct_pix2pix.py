@@ -22,6 +22,7 @@ from PIL import Image
 
 from aspire.classifier import resolve_device
 from aspire.config import BackgroundConfig
+from aspire.identity import expand_ref, model_identity
 from aspire.manifest import Row, digest
 from tasks.extract import prompt_file
 from tasks.vision import BackgroundEditor
@@ -31,34 +32,7 @@ log = logging.getLogger(__name__)
 BACKEND = "instruct-pix2pix"
 NO_TEXT = "no background/alternative"
 FILTERED = "filtered by the safety checker"
-_TEXT_SUFFIXES = (".json", ".txt")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
 # -- identity ------------------------------------------------------------------------------------------------
-
-
-def _model_ref(config: BackgroundConfig) -> str:
-    """``background.model`` as passed to ``from_pretrained`` (a leading ``~`` expanded)."""
-    return str(Path(config.model).expanduser()) if config.model.startswith("~") else config.model
-
-
-def _folder_digest(folder: Path) -> str:
-    """Digest of a local diffusers folder: its json/txt files in full, and each weight file's size and first
-    and last MiB (cheap for multi-GB checkpoints, yet any retrained weights change it)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if path.suffix in _TEXT_SUFFIXES:
-            h.update(f"{name}\0".encode() + path.read_bytes())
-        elif path.suffix in _WEIGHT_SUFFIXES:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(1 << 20)
-                f.seek(max(0, size - (1 << 20)))
-                tail = f.read()
-            h.update(f"{name}\0{size}\0".encode() + head + tail)
-    return h.hexdigest()[:16]
 
 
 def _template(config: BackgroundConfig) -> str:
@@ -72,8 +46,7 @@ def editor_identity(config: BackgroundConfig) -> str:
     ``instruct-pix2pix:<hub id>`` or ``instruct-pix2pix:<absolute folder>@<digest>``, then ``:prompt=<digest>``
     of the template text (editing the prompt file changes the identity).
     """
-    folder = Path(_model_ref(config))
-    model = f"{folder.resolve()}@{_folder_digest(folder)}" if folder.is_dir() else config.model
+    model = model_identity(config.model)
     return f"{BACKEND}:{model}:prompt={digest({'template': _template(config)})}"
 
 
@@ -88,7 +61,7 @@ def _check_config(config: BackgroundConfig) -> tuple[torch.device, torch.dtype, 
     """
     import diffusers
 
-    model = _model_ref(config)
+    model = expand_ref(config.model)
     if (model.startswith(("/", ".")) or Path(model).exists()) and not Path(model).is_dir():
         raise ValueError(f"background.model={config.model!r}: no such folder (expected a local diffusers folder "
                          "or a hub id)")
@@ -138,7 +111,7 @@ class InstructPix2PixEditor:
         # 2. Load the pipeline (without its safety checker when disabled: nothing is loaded for it)
         kwargs = {} if config.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
         try:
-            pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(_model_ref(config), torch_dtype=self.dtype,
+            pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(expand_ref(config.model), torch_dtype=self.dtype,
                                                                           **kwargs)
         except (OSError, ValueError) as exc:
             raise ValueError(f"background.model={config.model!r}: cannot load an InstructPix2Pix pipeline as a "

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from aspire.cache import StageStore, file_digest
 from aspire.classifier import resolve_device
 from aspire.config import PersonalizeConfig
+from aspire.identity import expand_ref, model_identity
 from aspire.images import load_rgb
 from aspire.manifest import Row, digest
 from tasks.extract import prompt_file
@@ -67,35 +68,11 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 ADAMW = {"betas": (0.9, 0.999), "weight_decay": 1e-2, "eps": 1e-8}  # the reference script's defaults
 FLIP_P = 0.5  # random horizontal flip, as in the reference script
-_TEXT_SUFFIXES = (".json", ".txt")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # settings that do not change the trajectory: a checkpoint stays valid when only these differ
 _NOT_IN_FINGERPRINT = {"backend", "steps", "checkpoint_every", "min_images", "device", "initializer_token"}
 
 
 # -- identity, tokens and images -----------------------------------------------------------------------------
-
-
-def _model_ref(config: PersonalizeConfig) -> str:
-    """``personalize.model`` as passed to ``from_pretrained`` (a leading ``~`` expanded)."""
-    return str(Path(config.model).expanduser()) if config.model.startswith("~") else config.model
-
-
-def _folder_digest(folder: Path) -> str:
-    """Digest of a local diffusers folder: json/txt files in full, each weight file's size and first/last MiB."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if path.suffix in _TEXT_SUFFIXES:
-            h.update(f"{name}\0".encode() + path.read_bytes())
-        elif path.suffix in _WEIGHT_SUFFIXES:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(1 << 20)
-                f.seek(max(0, size - (1 << 20)))
-                tail = f.read()
-            h.update(f"{name}\0{size}\0".encode() + head + tail)
-    return h.hexdigest()[:16]
 
 
 def templates() -> list[str]:
@@ -121,8 +98,7 @@ def personalize_identity(config: PersonalizeConfig) -> str:
     """
     if config.backend == "none":
         return "none"
-    folder = Path(_model_ref(config))
-    model = f"{folder.resolve()}@{_folder_digest(folder)}" if folder.is_dir() else config.model
+    model = model_identity(config.model)
     return f"{BACKEND}:{model}:templates={digest(templates())}"
 
 
@@ -209,7 +185,7 @@ class SDModels:
 
 def _from_pretrained(loader, config: PersonalizeConfig, subfolder: str):
     try:
-        return loader.from_pretrained(_model_ref(config), subfolder=subfolder)
+        return loader.from_pretrained(expand_ref(config.model), subfolder=subfolder)
     except (OSError, ValueError) as exc:
         raise ValueError(f"personalize.model={config.model!r}: cannot load {loader.__name__} from its "
                          f"{subfolder!r} subfolder ({type(exc).__name__}: {exc})") from exc
@@ -228,7 +204,7 @@ def load_models(config: PersonalizeConfig) -> SDModels:
 
 def _check(images: list[Path], placeholder: str, config: PersonalizeConfig) -> tuple[torch.device, torch.dtype]:
     """Validate before loading anything; returns (device, dtype of the frozen VAE and UNet)."""
-    model = _model_ref(config)
+    model = expand_ref(config.model)
     if config.backend != BACKEND:
         raise ValueError(f"personalize.backend={config.backend!r}: only {BACKEND!r} trains a token")
     if (model.startswith(("/", ".")) or Path(model).exists()) and not Path(model).is_dir():

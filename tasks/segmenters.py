@@ -15,7 +15,6 @@ count image-encoder forward passes in ``encoder_calls`` (a forward hook; ``bench
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import threading
@@ -29,6 +28,7 @@ from PIL import Image
 
 from aspire.classifier import resolve_device
 from aspire.config import RemoveConfig
+from aspire.identity import expand_ref, model_identity, weights_digest
 from tasks.vision import Box, Segmenter, box_mask
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,6 @@ log = logging.getLogger(__name__)
 SEGMENTERS = ("sam", "hf-sam", "box", "grabcut")
 GRABCUT_ITERATIONS = 5  # OpenCV's samples use 5; more rarely changes the mask
 GRABCUT_MIN_SIDE = 4  # px: smaller boxes have too few pixels for GrabCut's colour models, the box is kept
-_MIB = 1 << 20
-_SMALL_FILES = ("config.json", "preprocessor_config.json", "processor_config.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
 def _check_boxes(boxes: Sequence[Box]) -> None:
     """Raises ValueError naming the first box that is not ``[x0, y0, x1, y1]`` with x0 <= x1 and y0 <= y1."""
     for i, box in enumerate(boxes):
@@ -53,28 +48,6 @@ def _check_boxes(boxes: Sequence[Box]) -> None:
 
 
 # -- identity ------------------------------------------------------------------------------------------------
-
-
-def _update_with_file(h: "hashlib._Hash", path: Path, name: str) -> None:
-    """Feed ``name``, the size and the first and last MiB of ``path`` (cheap for multi-GB checkpoints)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(_MIB)
-        f.seek(max(0, size - _MIB))
-        tail = f.read()
-    h.update(f"{name}\0{size}\0".encode() + head + tail)
-
-
-def _folder_digest(folder: Path) -> str:
-    """Digest of a local transformers folder: config files in full, weight files by size and first/last MiB."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        name = path.relative_to(folder).as_posix()
-        if path.name in _SMALL_FILES:
-            h.update(f"{name}\0".encode() + path.read_bytes())
-        elif path.suffix in _WEIGHT_SUFFIXES:
-            _update_with_file(h, path, name)
-    return h.hexdigest()[:16]
 
 
 def _checkpoint(config: RemoveConfig) -> Path:
@@ -91,7 +64,7 @@ def _checkpoint(config: RemoveConfig) -> Path:
 
 def _hf_ref(config: RemoveConfig) -> str:
     """``remove.hf_sam_model`` as given to ``from_pretrained``; a path-like value must be an existing folder."""
-    ref = str(Path(config.hf_sam_model).expanduser()) if config.hf_sam_model.startswith("~") else config.hf_sam_model
+    ref = expand_ref(config.hf_sam_model)
     if (ref.startswith(("/", ".")) or Path(ref).exists()) and not Path(ref).is_dir():
         raise ValueError(f"remove.hf_sam_model={config.hf_sam_model!r}: no such folder (expected a local model "
                          "folder or a hub id)")
@@ -114,13 +87,9 @@ def segmenter_identity(config: RemoveConfig) -> str:
         return GrabCutSegmenter().identity
     if config.segment == "sam":
         path = _checkpoint(config)
-        h = hashlib.sha256()
-        _update_with_file(h, path, path.name)
-        return f"sam:{config.sam_model_type}:{path.name}@{h.hexdigest()[:16]}"
+        return f"sam:{config.sam_model_type}:{path.name}@{weights_digest(path)}"
     if config.segment == "hf-sam":
-        ref = _hf_ref(config)
-        folder = Path(ref)
-        return f"hf-sam:{folder.resolve()}@{_folder_digest(folder)}" if folder.is_dir() else f"hf-sam:{ref}"
+        return f"hf-sam:{model_identity(_hf_ref(config))}"
     raise ValueError(f"remove.segment={config.segment!r}: expected one of {', '.join(SEGMENTERS)}")
 
 
