@@ -124,6 +124,22 @@ def status(config: Path = typer.Argument(..., help="YAML run config."), set_: Op
 
 
 @app.command()
+def train(config: Path = typer.Argument(..., help="YAML run config (after `aspire run`)."),
+          method: Optional[list[str]] = typer.Option(None, "--method", help="erm, jtt, dfr or groupdro (repeatable)."),
+          seeds: str = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2."),
+          set_: Optional[list[str]] = SetOption) -> None:
+    """Robust trainers on the original and the augmented training set; worst-group test accuracy per method."""
+    prefect_defaults()
+    run_config = _load(config, set_ or [])
+    from flows.train import render, train_flow
+
+    lines = train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=method or ["erm"],
+                       seeds=[int(s) for s in seeds.split(",")])
+    typer.echo(render(lines))
+    typer.echo(f"table: {run_config.workdir / 'robust.md'}")
+
+
+@app.command()
 def serve(config: Path = typer.Argument(..., help="YAML run config."),
           cron: str = typer.Option(..., help="Cron schedule, e.g. '0 3 * * *'."),
           name: str = typer.Option("aspire-scheduled", help="Deployment name."),

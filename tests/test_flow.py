@@ -236,3 +236,20 @@ def test_killed_run_resumes_to_the_same_report(run_config, tmp_path):
     assert not (tmp_path / "run-b" / "report.json").exists()
     resumed = run(killed)
     assert comparable(resumed) == comparable(expected)
+
+
+def test_train_command_compares_methods_on_original_and_augmented_data(run_config, tmp_path):
+    from flows.cli import app
+
+    run(run_config)
+    result = CliRunner().invoke(app, ["train", str(run_config), "--method", "erm", "--method", "groupdro",
+                                      "--seeds", "0"])
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "run" / "robust.json").read_text())["lines"]
+    assert {(line["method"], line["data"]) for line in table} == {
+        ("erm", "original"), ("erm", "augmented"), ("groupdro", "original"), ("groupdro", "augmented")}
+    parts = [p for p in (tmp_path / "run" / "train").glob("*/*-seed0-*") if p.is_dir()]
+    assert len(parts) == 4
+    before = {p: p.stat().st_mtime_ns for p in parts}
+    assert CliRunner().invoke(app, ["train", str(run_config), "--method", "erm", "--method", "groupdro"]).exit_code == 0
+    assert {p: p.stat().st_mtime_ns for p in parts} == before  # a rerun trains nothing

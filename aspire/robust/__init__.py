@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from aspire.robust.base import TrainResult, Trainer, evaluate
+from aspire.robust.base import Trainer, TrainResult, evaluate
 from aspire.robust.dfr import DFRTrainer
 from aspire.robust.erm import ERMTrainer
 from aspire.robust.group_dro import GroupDROTrainer
@@ -31,5 +31,15 @@ def make_trainer(method: str, **kwargs) -> Trainer:
     return TRAINERS[method](**kwargs)
 
 
-__all__ = ["TRAINERS", "TrainResult", "Trainer", "evaluate", "grid_search", "make_trainer",
-           "DFRTrainer", "ERMTrainer", "GroupDROTrainer", "JTTTrainer"]
+__all__ = [
+    "TRAINERS",
+    "DFRTrainer",
+    "ERMTrainer",
+    "GroupDROTrainer",
+    "JTTTrainer",
+    "TrainResult",
+    "Trainer",
+    "evaluate",
+    "grid_search",
+    "make_trainer",
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,10 +13,16 @@ from sklearn.multiclass import OneVsRestClassifier
 from torch import nn
 from torch.utils.data import DataLoader
 
-from aspire.config import ClassifierConfig
 from aspire.classifier import resolve_device
+from aspire.config import ClassifierConfig
 from aspire.manifest import Row
-from aspire.robust.base import IndexedRows, TrainResult, Trainer, check_rows, num_classes
+from aspire.robust.base import (
+    IndexedRows,
+    Trainer,
+    TrainResult,
+    check_rows,
+    num_classes,
+)
 from aspire.robust.erm import ERMTrainer
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from aspire.classifier import build_model
 from aspire.config import ClassifierConfig

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from aspire.classifier import build_model
 from aspire.config import ClassifierConfig
 from aspire.manifest import Row
-from aspire.robust.base import TrainResult, Trainer, check_rows, fit, num_classes
+from aspire.robust.base import Trainer, TrainResult, check_rows, fit, num_classes
 
 log = logging.getLogger(__name__)
 
