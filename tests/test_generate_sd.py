@@ -1,11 +1,10 @@
 """The Stable Diffusion generator and the CLIP filter on CPU, with tiny random-weight models saved to folders."""
 
-import json
 import os
-import string
 
 import numpy as np
 import pytest
+from tiny_models import write_clip_tokenizer
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -26,22 +25,7 @@ assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest: a bad hub id 
 HIDDEN = 16  # text encoder width = size of a learned embedding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a busy 2-core machine: 2 intra-op threads make a 0.1 s call take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_tokenizer(folder):
-    """A CLIP BPE tokenizer over single characters (every lowercase word splits into known pieces)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pieces = ["<|startoftext|>", "<|endoftext|>", "!"] + list(string.ascii_lowercase + string.digits)
-    pieces += [c + "</w>" for c in string.ascii_lowercase + string.digits]
-    (folder / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def text_config() -> dict:
@@ -65,7 +49,7 @@ def models(tmp_path_factory):
     vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=4)
-    write_tokenizer(folder / "tok")
+    write_clip_tokenizer(folder / "tok")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tok", model_max_length=77)
     scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_config())),

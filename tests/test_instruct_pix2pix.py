@@ -1,11 +1,10 @@
 """The InstructPix2Pix background editor on CPU with a tiny random-weight pipeline saved to a folder."""
 
-import json
 import os
-import string
 
 import numpy as np
 import pytest
+from tiny_models import write_clip_tokenizer
 import torch
 from PIL import Image
 
@@ -22,22 +21,7 @@ from tasks.instruct_pix2pix import (
 assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest: a bad hub id fails at once, offline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a busy 2-core machine: 2 intra-op threads make a 0.15 s edit take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_tokenizer(folder):
-    """A CLIP BPE tokenizer over single characters (every lowercase word splits into known pieces)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pieces = ["<|startoftext|>", "<|endoftext|>", "!"] + list(string.ascii_lowercase + string.digits)
-    pieces += [c + "</w>" for c in string.ascii_lowercase + string.digits]
-    (folder / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +43,7 @@ def tiny_model(tmp_path_factory):
     text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
                                                 intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
                                                 vocab_size=80, max_position_embeddings=77))
-    write_tokenizer(folder / "tok")
+    write_clip_tokenizer(folder / "tok")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tok", model_max_length=77)
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -2,10 +2,10 @@
 
 import json
 import os
-import string
 
 import numpy as np
 import pytest
+from tiny_models import write_clip_tokenizer
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -32,23 +32,7 @@ assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest: a bad hub id 
 MERGES = ["o b", "ob j", "e c", "ec t</w>", "obj ect</w>", "c a", "ca t</w>"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions on a busy 2-core machine: 2 intra-op threads make each step take far longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def write_tokenizer(folder):
-    """A CLIP BPE tokenizer over single characters plus the merges above."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pieces = ["<|startoftext|>", "<|endoftext|>", "!"] + list(string.ascii_lowercase + string.digits)
-    pieces += [c + "</w>" for c in string.ascii_lowercase + string.digits]
-    pieces += ["ob", "obj", "ec", "ect</w>", "object</w>", "ca", "cat</w>"]
-    (folder / "vocab.json").write_text(json.dumps({p: i for i, p in enumerate(pieces)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +42,7 @@ def tiny_sd(tmp_path_factory):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("sd")
-    write_tokenizer(folder / "tok")
+    write_clip_tokenizer(folder / "tok", tuple(MERGES))
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tok", model_max_length=77)
     torch.manual_seed(0)  # test fixture only: random weights, fixed so that runs are comparable
     unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from test_grounders import gd_config, gdino_files, save_tiny_hf_grounding_dino  # noqa: F401 (fixtures)
 from test_inpainters import lama_file  # noqa: F401 (fixture)
-from test_instruct_pix2pix import one_thread, tiny_model  # noqa: F401 (fixtures)
+from test_instruct_pix2pix import tiny_model  # noqa: F401 (fixture)
 from test_segmenters import TINY, sam_checkpoint, save_tiny_hf_sam, tiny_registry  # noqa: F401 (fixtures)
 
 from aspire.cache import StageStore, file_digest
@@ -20,7 +20,7 @@ from tasks.background import background_shard_task
 from tasks.grounders import GroundingDinoPy
 from tasks.remove import remove_shard_task
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture
