@@ -222,7 +222,8 @@ class GenerateConfig(Section):
 class RetrainConfig(Section):
     """ASPIRE step 6: retrain the classifier on the augmented set (Sec. 2(6)); settings default to ``classifier``."""
 
-    method: Literal["erm"] = Field("erm", description="Training method (ERM; the robust-trainer issue adds jtt, dfr, groupdro).")
+    method: Literal["erm", "jtt", "dfr", "groupdro"] = Field(
+        "erm", description="Training method: erm, or a robust trainer of aspire.robust (jtt, dfr, groupdro).")
     epochs: int | None = Field(None, ge=1, description="Epochs (default: classifier.epochs).")
 
 

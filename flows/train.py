@@ -22,16 +22,10 @@ from aspire.robust import evaluate, make_trainer
 from flows.keys import chain
 from flows.running import artifact_key
 from tasks import ingest
+from tasks.export import with_generated_groups
 
 METHODS = ("erm", "jtt", "dfr", "groupdro")
 RESULT = "result.json"
-
-
-def with_generated_groups(rows: list[Row]) -> list[Row]:
-    """Generated rows get a group of their own per class, numbered after the dataset's groups."""
-    top = max((r["group"] for r in rows if r.get("group") is not None), default=-1)
-    return [{**r, "group": top + 1 + r["label"], "group_name": f"augmented:{r['class_name']}"}
-            if r.get("source") == "generated" else r for r in rows]
 
 
 def committed_rows(config: RunConfig) -> dict[str, list[Row]]:

@@ -33,6 +33,14 @@ def augmented_rows(dataset_rows: list[Row], generated: list[Row]) -> list[Row]:
     return originals + [{**g, "source": "generated"} for g in generated]
 
 
+def with_generated_groups(rows: list[Row]) -> list[Row]:
+    """Generated rows get a group of their own per class (``augmented:<class>``), numbered after the dataset's
+    groups, so group-aware trainers (Group DRO, DFR) and per-group reports see them."""
+    top = max((r["group"] for r in rows if r.get("group") is not None), default=-1)
+    return [{**r, "group": top + 1 + r["label"], "group_name": f"augmented:{r['class_name']}"}
+            if r.get("source") == "generated" else r for r in rows]
+
+
 def write_waterbirds_metadata(rows: list[Row], out_dir: Path) -> Path:
     """``metadata.csv`` in the Waterbirds layout for exported rows. Generated images get the place opposite
     to their class's majority place in train (they are meant to fill the minority groups)."""

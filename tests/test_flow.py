@@ -253,3 +253,11 @@ def test_train_command_compares_methods_on_original_and_augmented_data(run_confi
     before = {p: p.stat().st_mtime_ns for p in parts}
     assert CliRunner().invoke(app, ["train", str(run_config), "--method", "erm", "--method", "groupdro"]).exit_code == 0
     assert {p: p.stat().st_mtime_ns for p in parts} == before  # a rerun trains nothing
+
+
+def test_retrain_stage_with_a_robust_method(run_config, tmp_path):
+    report = run(run_config, "retrain.method=groupdro")
+    assert report["after"] is not None and not report["stages"]["retrain"]["cached"]
+    assert report["stages"]["export"]["cached"] or report["stages"]["export"]["status"] == "done"
+    again = run(run_config, "retrain.method=groupdro")
+    assert again["stages"]["retrain"]["cached"] and again["after"] == report["after"]
