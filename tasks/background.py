@@ -28,7 +28,7 @@ from aspire.images import ImageError, load_rgb
 from aspire.manifest import Row, digest
 from aspire.phrases import BowEmbedder, normalize_phrase
 from aspire.readers import IMAGE_EXTENSIONS
-from tasks.remove import attempt_row, classify_and_keep, is_edit, load_for_editing
+from tasks.remove import attempt_row, attempt_stats, classify_and_keep, is_edit, load_for_editing
 from tasks.vision import BackgroundEditor, Grounder, Segmenter, dilate
 
 log = logging.getLogger(__name__)
@@ -170,10 +170,7 @@ def run_background(rows: list[Row], config: BackgroundConfig, editor: Background
     for i in tqdm(range(0, len(originals), config.batch_size), desc="background", unit="batch", leave=False):
         results = edit_batch(originals[i : i + config.batch_size], config, editor)
         attempts += classify_and_keep(results, classifier, out_dir, save_all)
-    stats = {"edits_tried": sum(a["skip_reason"] is None for a in attempts),
-             "edits_kept": sum(a["kept"] for a in attempts),
-             "skipped": sum(a["skip_reason"] is not None for a in attempts)}
-    return ShardResult(rows + attempts, [], stats)
+    return ShardResult(rows + attempts, [], attempt_stats(attempts))
 
 
 @task(name="background-shard", task_run_name="background-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)

@@ -156,6 +156,13 @@ def classify_and_keep(results: list[tuple[Row, Image.Image | None]], classifier,
     return out
 
 
+def attempt_stats(attempts: list[Row]) -> dict[str, int]:
+    """Edits made, edits kept (prediction flipped) and attempts skipped (with a reason)."""
+    return {"edits_tried": sum(a["skip_reason"] is None for a in attempts),
+            "edits_kept": sum(a["kept"] for a in attempts),
+            "skipped": sum(a["skip_reason"] is not None for a in attempts)}
+
+
 def run_remove(rows: list[Row], config: RemoveConfig, grounder: Grounder, segmenter: Segmenter,
                inpainter: Inpainter, classifier, out_dir: Path) -> ShardResult:
     """Attempt every (held-out image, foreground phrase) removal of a shard; see the module docstring.
@@ -170,10 +177,7 @@ def run_remove(rows: list[Row], config: RemoveConfig, grounder: Grounder, segmen
     for i in tqdm(range(0, len(originals), config.batch_size), desc="remove", unit="batch", leave=False):
         results = edit_batch(originals[i : i + config.batch_size], config, grounder, segmenter, inpainter)
         attempts += classify_and_keep(results, classifier, out_dir, config.save_all)
-    stats = {"edits_tried": sum(a["skip_reason"] is None for a in attempts),
-             "edits_kept": sum(a["kept"] for a in attempts),
-             "skipped": sum(a["skip_reason"] is not None for a in attempts)}
-    return ShardResult(rows + attempts, [], stats)
+    return ShardResult(rows + attempts, [], attempt_stats(attempts))
 
 
 @task(name="remove-shard", task_run_name="remove-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
