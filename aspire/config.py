@@ -225,6 +225,18 @@ class RetrainConfig(Section):
     method: Literal["erm", "jtt", "dfr", "groupdro"] = Field(
         "erm", description="Training method: erm, or a robust trainer of aspire.robust (jtt, dfr, groupdro).")
     epochs: int | None = Field(None, ge=1, description="Epochs (default: classifier.epochs).")
+    jtt_epochs: int = Field(1, ge=1, description="JTT: T, epochs of the identification model (JTT paper: 1-60).")
+    jtt_upweight: int = Field(20, ge=1, description="JTT: lambda_up, copies of each error-set row (JTT paper: 20-100).")
+    groupdro_step_size: float = Field(0.01, gt=0, description="Group DRO: step size of the group weights (paper: 0.01).")
+    groupdro_l2: float | None = Field(None, ge=0, description="Group DRO: weight decay replacing classifier.weight_decay (strong L2, e.g. 1.0).")
+
+    def trainer_args(self, method: str) -> dict:
+        """Keyword arguments of ``aspire.robust.make_trainer(method)`` from this section."""
+        if method == "jtt":
+            return {"identification_epochs": self.jtt_epochs, "upweight": self.jtt_upweight}
+        if method == "groupdro":
+            return {"step_size": self.groupdro_step_size, "l2": self.groupdro_l2}
+        return {}
 
 
 class RunnerConfig(Section):

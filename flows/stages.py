@@ -169,7 +169,8 @@ def _export(config: RunConfig, runner, store: StageStore, rows: list[Row], store
 def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     settings = retrain.retrain_config(config.classifier, config.retrain)
     if config.retrain.method != "erm":  # a robust trainer: one committed part with its val/test predictions
-        predicted = retrain.robust_task(store, rows, settings, config.retrain.method)
+        predicted = retrain.robust_task(store, rows, settings, config.retrain.method,
+                                        config.retrain.trainer_args(config.retrain.method))
         summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method,
                    "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}
         return predicted, summary, [store.part_ref(retrain.ROBUST_PART)]

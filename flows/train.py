@@ -45,19 +45,20 @@ def committed_rows(config: RunConfig) -> dict[str, list[Row]]:
 
 
 @task(name="train-method", task_run_name="train-{method}-seed{seed}-{data}", tags=["gpu"], cache_policy=NO_CACHE)
-def train_task(store: StageStore, method: str, seed: int, data: str, rows: list[Row], config: ClassifierConfig) -> dict:
+def train_task(store: StageStore, method: str, seed: int, data: str, rows: list[Row], config: ClassifierConfig,
+               trainer_args: dict) -> dict:
     """Train one method on one seed, evaluate on test; committed as a part (a rerun reads it back)."""
     def write(tmp):
         train = [r for r in rows if r["split"] == "train"]
         val = [r for r in rows if r["split"] == "val"]
-        result = make_trainer(method).train(train, val, config, seed)
+        result = make_trainer(method, **trainer_args).train(train, val, config, seed)
         test = evaluate(result.model, [r for r in rows if r["split"] == "test" and r.get("source") != "generated"], config)
         record = {"method": method, "seed": seed, "data": data, "best_epoch": result.best_epoch, "test": test}
         (tmp / RESULT).write_text(json.dumps(record, indent=1))
         return {}
 
     name = f"{method}-seed{seed}-{data}"
-    store.ensure_part(name, write, checked_files=(RESULT,))
+    store.ensure_part(name, write, digest(trainer_args), checked_files=(RESULT,))
     return json.loads((store.part_dir(name) / RESULT).read_text())
 
 
@@ -105,7 +106,8 @@ def train_flow(config_path: str, overrides: list[str] | None = None, methods: li
                            exclude={"device", "num_workers"}), "robust", input_digest))
         for method in methods:
             for seed in seeds:
-                records.append(train_task(store, method, seed, data, rows, config.classifier))
+                records.append(train_task(store, method, seed, data, rows, config.classifier,
+                                          config.retrain.trainer_args(method)))
                 get_run_logger().info("%s seed %d on %s: test %s", method, seed, data, records[-1]["test"]["worst_group_acc"])
     lines = summarize(records)
     (config.workdir / "robust.json").write_text(json.dumps({"lines": lines, "runs": records}, indent=1))

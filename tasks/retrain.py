@@ -29,7 +29,7 @@ def retrain_config(classifier: ClassifierConfig, retrain: RetrainConfig) -> Clas
     return classifier.model_copy(update={"epochs": retrain.epochs or classifier.epochs})
 
 
-def run_robust(rows: list[Row], config: ClassifierConfig, method: str) -> list[Row]:
+def run_robust(rows: list[Row], config: ClassifierConfig, method: str, trainer_args: dict) -> list[Row]:
     """Train ``method`` on the train rows (selected on val) and predict the val and test rows."""
     from aspire.robust import make_trainer
     from aspire.robust.base import predict_rows
@@ -38,19 +38,19 @@ def run_robust(rows: list[Row], config: ClassifierConfig, method: str) -> list[R
     rows = with_generated_groups(rows)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
-    result = make_trainer(method).train(train, val, config, config.seed)
+    result = make_trainer(method, **trainer_args).train(train, val, config, config.seed)
     evaluated = [r for r in rows if r["split"] in ("val", "test") and r.get("source") != "generated"]
     preds = predict_rows(result.model, evaluated, config)
     return [{**r, "pred": p, "correct": p == r["label"]} for r, p in zip(evaluated, preds)]
 
 
 @task(name="retrain-robust", tags=["gpu"], cache_policy=NO_CACHE)
-def robust_task(store: StageStore, rows: list[Row], config: ClassifierConfig, method: str) -> list[Row]:
+def robust_task(store: StageStore, rows: list[Row], config: ClassifierConfig, method: str, trainer_args: dict) -> list[Row]:
     """Train with a robust method and commit its val/test predictions (skipped when committed)."""
     def write(tmp):
-        predicted = run_robust(rows, config, method)
+        predicted = run_robust(rows, config, method, trainer_args)
         write_jsonl(predicted, tmp / PREDICTIONS)
         return {"method": method, "predicted": len(predicted)}
 
-    store.ensure_part(ROBUST_PART, write, json.dumps([method]), (PREDICTIONS,))
+    store.ensure_part(ROBUST_PART, write, json.dumps([method, trainer_args], sort_keys=True), (PREDICTIONS,))
     return read_jsonl(store.part_dir(ROBUST_PART) / PREDICTIONS)
