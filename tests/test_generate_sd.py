@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from tiny_models import write_clip_tokenizer
+from tiny_models import TEXT_HIDDEN, tiny_sd_parts, write_clip_tokenizer
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -22,7 +22,7 @@ from tasks.generate_sd import (
 
 assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by conftest: a bad hub id fails at once, offline
 
-HIDDEN = 16  # text encoder width = size of a learned embedding
+HIDDEN = TEXT_HIDDEN  # text encoder width = size of a learned embedding
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,23 +36,15 @@ def text_config() -> dict:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Saved tiny StableDiffusionPipeline and CLIP model + processor, and a learned ``<dog>`` embedding."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTextModel, CLIPTokenizer)
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("sd")
-    torch.manual_seed(0)  # test fixture only: random weights, fixed so that runs are comparable
-    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=HIDDEN,
-                                attention_head_dim=4, norm_num_groups=4)
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4)
+    unet, vae, text_encoder = tiny_sd_parts()
     write_clip_tokenizer(folder / "tok")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tok", model_max_length=77)
     scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text_config())),
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder,
                                    tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder / "model")

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from tiny_models import write_clip_tokenizer
+from tiny_models import tiny_sd_parts, write_clip_tokenizer
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -38,23 +38,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     """A saved StableDiffusionPipeline (tiny UNet, VAE, CLIP text model, DDPM scheduler) and 4 small PNGs."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("sd")
     write_clip_tokenizer(folder / "tok", tuple(MERGES))
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tok", model_max_length=77)
-    torch.manual_seed(0)  # test fixture only: random weights, fixed so that runs are comparable
-    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=4, norm_num_groups=4)
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4)
-    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
-                                                intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
-                                                vocab_size=len(tokenizer), max_position_embeddings=77))
+    unet, vae, text_encoder = tiny_sd_parts(vocab_size=len(tokenizer))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDPMScheduler(num_train_timesteps=100, steps_offset=1, clip_sample=False), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
