@@ -66,14 +66,15 @@ def _read_json_dict(path: Path) -> dict[str, Any] | None:
 
 
 def _retarget(rows: list[Row], old: Path, new: Path) -> list[Row]:
-    """Point ``path`` values inside the temporary folder at the committed folder."""
+    """Point ``path`` and ``*_path`` values inside the temporary folder at the committed folder."""
     prefix = str(old) + os.sep
-    return [
-        {**row, "path": str(new) + os.sep + row["path"][len(prefix):]}
-        if isinstance(row.get("path"), str) and row["path"].startswith(prefix)
-        else row
-        for row in rows
-    ]
+
+    def moved(key: str, value: Any) -> Any:
+        if (key == "path" or key.endswith("_path")) and isinstance(value, str) and value.startswith(prefix):
+            return str(new) + os.sep + value[len(prefix):]
+        return value
+
+    return [{key: moved(key, value) for key, value in row.items()} for row in rows]
 
 
 def read_part_marker(folder: Path) -> dict[str, Any] | None:

@@ -229,13 +229,18 @@ class RetrainConfig(Section):
     jtt_upweight: int = Field(20, ge=1, description="JTT: lambda_up, copies of each error-set row (JTT paper: 20-100).")
     groupdro_step_size: float = Field(0.01, gt=0, description="Group DRO: step size of the group weights (paper: 0.01).")
     groupdro_l2: float | None = Field(None, ge=0, description="Group DRO: weight decay replacing classifier.weight_decay (strong L2, e.g. 1.0).")
+    groups: Literal["auto", "labels", "phrases"] = Field(
+        "auto", description="Groups for group-aware training and worst-group selection: labels (the dataset's "
+        "group column), phrases (class x the run's top-k spurious phrase group its caption mentions, see "
+        "aspire.groups), auto (labels when every row has one, else phrases).")
+    groupdro_balanced: bool = Field(True, description="Group DRO: sample every group equally often (the paper code's --reweight_groups).")
 
     def trainer_args(self, method: str) -> dict:
         """Keyword arguments of ``aspire.robust.make_trainer(method)`` from this section."""
         if method == "jtt":
             return {"identification_epochs": self.jtt_epochs, "upweight": self.jtt_upweight}
         if method == "groupdro":
-            return {"step_size": self.groupdro_step_size, "l2": self.groupdro_l2}
+            return {"step_size": self.groupdro_step_size, "l2": self.groupdro_l2, "balanced": self.groupdro_balanced}
         return {}
 
 
@@ -313,8 +318,93 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+# -- the Hard-Spurious-ImageNet compositor (``aspire compose``) ------------------------------------------
+
+V2_BACKGROUNDS = ["n04251144", "n02860847", "n03733131", "n03992509", "n03447447", "n02817516", "n04540053",
+                  "n02802426", "n02951358", "n09288635", "n12057211"]
+"""Hard-Spurious-ImageNet-v2's highly spurious background classes (Sec. 4.1): snorkel, bobsled, maypole, potter's
+wheel, gondola, bearskin, volleyball, basketball, canoe, geyser, yellow lady's slipper."""
+
+
+class ComposeSource(Section):
+    """Where the source images and their object boxes come from."""
+
+    format: Literal["imagenet", "manifest"] = Field(
+        "imagenet", description="imagenet: an ImageNet-style tree at root (see aspire.imagenet); manifest: the "
+        "dataset section's rows with a boxes column (e.g. the synthetic benchmark).")
+    root: Path | None = Field(None, description="imagenet: the tree's root (train/, val/, Annotations/ or LOC_*.csv).")
+    boxes: Literal["auto", "voc", "csv"] = Field(
+        "auto", description="imagenet: PASCAL VOC XML (Annotations/CLS-LOC) or LOC_<split>_solution.csv; auto: "
+        "voc when Annotations/CLS-LOC exists.")
+    dataset: DatasetConfig | None = Field(None, description="manifest: the dataset to read (any reader format).")
+    classes: list[str] | None = Field(
+        None, description="Foreground classes (wnids or synset names; manifest: class names); default all.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ComposeSource":
+        if self.format == "imagenet" and self.root is None:
+            raise ValueError("source.format=imagenet needs source.root")
+        if self.format == "manifest" and self.dataset is None:
+            raise ValueError("source.format=manifest needs source.dataset")
+        return self
+
+
+class SplitCounts(Section):
+    """Images per class and group (Hard-Spurious-ImageNet Sec. 5, Table 11)."""
+
+    train_easy: int = Field(80, ge=0, description="Train images per Easy group (CeO, CoO at 84 and 112 px).")
+    train_other: int = Field(10, ge=0, description="Train images per Medium or Hard group.")
+    val: int = Field(20, ge=0, description="Val images per group.")
+    test: int = Field(50, ge=0, description="Test images per group.")
+
+
+class ComposeSettings(Section):
+    """How images are composed."""
+
+    sizes: list[int] = Field([56, 84, 112], min_length=1, description="Object sizes in pixels (square side, or "
+                             "the shorter side when aspect=preserve).")
+    canvas: int = Field(224, ge=32, description="Side of the square output images and backgrounds.")
+    aspect: Literal["square", "preserve"] = Field(
+        "square", description="square: the object crop resized to size x size; preserve: shorter side to size, "
+        "longer side clamped to the canvas.")
+    test_corner: Literal["top-right", "random"] = Field(
+        "top-right", description="Corner of the test split's Co groups: top-right (as train/val) or a random corner.")
+    variant: Literal["v1", "v2"] = Field(
+        "v1", description="v1: R backgrounds from random other classes; v2: each class's R backgrounds from one "
+        "class of v2_backgrounds (Sec. 4.1).")
+    v2_backgrounds: list[str] = Field(V2_BACKGROUNDS, description="v2: background classes (wnids or names).")
+    mask: Literal["box", "segmenter"] = Field(
+        "box", description="box: objects are their boxes; segmenter: masks from remove.segment prompted by the "
+        "box (the paper's SAM variant, App. E), the object pasted with its mask as alpha.")
+    counts: SplitCounts = SplitCounts()
+    jpeg_quality: int = Field(95, ge=1, le=100, description="Quality of the composed JPEGs.")
+    seed: int = Field(0, description="Seed of the source picks, backgrounds and corners.")
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "ComposeSettings":
+        bad = [s for s in self.sizes if not 1 <= s <= self.canvas]
+        if bad:
+            raise ValueError(f"sizes {bad}: must be between 1 and canvas ({self.canvas})")
+        if len(set(self.sizes)) != len(self.sizes):
+            raise ValueError(f"sizes {self.sizes}: repeated size")
+        return self
+
+
+class ComposeRunConfig(Section):
+    """``aspire compose``: the Hard-Spurious-ImageNet compositor's whole config."""
+
+    workdir: Path = Field(description="Folder for the cached stages (backgrounds, compositions) and reports.")
+    output: Path | None = Field(None, description="Image folder written at the end (default <workdir>/dataset).")
+    source: ComposeSource
+    compose: ComposeSettings = ComposeSettings()
+    remove: RemoveConfig = Field(RemoveConfig(inpaint="opencv", segment="box"),
+                                 description="Object removal: segment (mask=segmenter), dilate (15), inpaint, device.")
+    runner: RunnerConfig = RunnerConfig()
+
+
 PATH_KEYS = ("workdir", "dataset.root", "background.bank", "remove.groundingdino_config",
-             "remove.groundingdino_checkpoint", "remove.sam_checkpoint", "collapse.glove_path")
+             "remove.groundingdino_checkpoint", "remove.sam_checkpoint", "collapse.glove_path", "source.root",
+             "source.dataset.root", "output")
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -329,7 +419,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, base: Path | None = None) -> RunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, base: Path | None = None,
+                model: type[BaseModel] | None = None) -> RunConfig:
     """Read a YAML run config, apply overrides and validate it.
 
     Args:
@@ -337,6 +428,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, base: Path
         overrides: ``section.key=value`` strings applied before validation.
         base: folder that relative paths are taken from; default the current directory, so a config
             run from the repository root finds ``data/...`` there.
+        model: the config class (default :class:`RunConfig`; :class:`ComposeRunConfig` for ``aspire compose``).
 
     Raises:
         ConfigError: the file is missing or not YAML, or a key/value is invalid (named in the message).
@@ -352,6 +444,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None, base: Path
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
     data = _resolve_paths(apply_overrides(data, overrides or []), base or Path.cwd())
     try:
-        return RunConfig.model_validate(data)
+        return (model or RunConfig).model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from exc

@@ -109,6 +109,8 @@ def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str 
         lines += _spurious_section(report)
     if grid:
         lines += ["", "## Originals beside their prediction-flipping edits, and generated images", "", f"![edits]({grid})"]
+    if report.get("robust"):
+        lines += [""] + render_robust(report["robust"], level="##")
     if report["quarantine"]:
         lines += ["", "## Quarantine", "", "| path | reason |", "|---|---|"]
         lines += [f"| {q['path']} | {q['reason']} |" for q in report["quarantine"]]
@@ -188,3 +190,58 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
         writer.writeheader()
         writer.writerows(report["quarantine"])
     return report
+
+
+METHOD_NAMES = {"erm": "ERM", "jtt": "JTT", "dfr": "DFR", "groupdro": "Group DRO"}
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def render_robust(robust: dict[str, Any], level: str = "#") -> list[str]:
+    """Markdown of ``aspire train``'s results, laid out like ASPIRE's Table 1: per method, worst-group and average
+    test accuracy without and with the augmentations (gain in brackets), then per-group accuracy.
+
+    Args:
+        robust: ``{"lines": [...], "grouping": {data: {...}}}`` as written to ``robust.json``.
+        level: markdown heading level of the section.
+    """
+    lines = robust["lines"]
+    seeds = sorted({l["seeds"] for l in lines})
+    out = [f"{level} Robust trainers with and without the augmentations",
+           "", f"Test split, mean ± std (population) over {'/'.join(map(str, seeds))} seeds, in %. "
+           "Groups for training and selection: " + ", ".join(f"{d}: {g['groups']}" for d, g in robust["grouping"].items())
+           + ".", "", "| method | worst-group acc. | avg. acc. |", "|---|---|---|"]
+    by_key = {(l["method"], l["data"]): l for l in lines}
+    for method in dict.fromkeys(l["method"] for l in lines):
+        base, aug = by_key.get((method, "original")), by_key.get((method, "augmented"))
+        name = METHOD_NAMES.get(method, method)
+        if base:
+            out.append(f"| {name} | {_mean_std(base['worst_group_acc'], base['worst_std'])} | "
+                       f"{_mean_std(base['avg_acc'], base['avg_std'])} |")
+        if aug:
+            worst_gain = f" ({100 * (aug['worst_group_acc'] - base['worst_group_acc']):+.1f})" if base else ""
+            avg_gain = f" ({100 * (aug['avg_acc'] - base['avg_acc']):+.1f})" if base else ""
+            out.append(f"| {name} + ASPIRE | {_mean_std(aug['worst_group_acc'], aug['worst_std'])}{worst_gain} | "
+                       f"{_mean_std(aug['avg_acc'], aug['avg_std'])}{avg_gain} |")
+    groups = list(dict.fromkeys(g for l in lines for g in l.get("per_group", {})))
+    if groups:
+        out += ["", f"{level}# Per-group test accuracy (%, mean over seeds)", "",
+                "| method | data | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+        out += [f"| {METHOD_NAMES.get(l['method'], l['method'])} | {l['data']} | "
+                + " | ".join(f"{100 * l['per_group'][g]:.1f}" if g in l["per_group"] else "" for g in groups) + " |"
+                for l in lines]
+    return out
+
+
+def attach_robust(workdir: Path, robust: dict[str, Any]) -> None:
+    """Add ``aspire train``'s results to the run's report.json and report.md (when ``aspire run`` wrote them)."""
+    path = Path(workdir) / "report.json"
+    if not path.is_file():
+        return
+    report = {**json.loads(path.read_text()), "robust": robust}
+    path.write_text(json.dumps(report, indent=1))
+    grid = GRID_FILE if (Path(workdir) / GRID_FILE).is_file() else None
+    chart = CHART_FILE if (Path(workdir) / CHART_FILE).is_file() else None
+    (Path(workdir) / "report.md").write_text(render_markdown(report, grid, chart))

@@ -18,11 +18,11 @@ DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 SetOption = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable).")
 
 
-def _load(config: Path, overrides: list[str] | None):
+def _load(config: Path, overrides: list[str] | None, model=None):
     from aspire.config import ConfigError, load_config
 
     try:
-        return load_config(config, overrides)
+        return load_config(config, overrides, model=model)
     except ConfigError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
@@ -131,12 +131,36 @@ def train(config: Path = typer.Argument(..., help="YAML run config (after `aspir
     """Robust trainers on the original and the augmented training set; worst-group test accuracy per method."""
     prefect_defaults()
     run_config = _load(config, set_ or [])
-    from flows.train import render, train_flow
+    from flows.train import train_flow
 
-    lines = train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=method or ["erm"],
-                       seeds=[int(s) for s in seeds.split(",")])
-    typer.echo(render(lines))
-    typer.echo(f"table: {run_config.workdir / 'robust.md'}")
+    train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=method or ["erm"],
+               seeds=[int(s) for s in seeds.split(",")])
+    typer.echo((run_config.workdir / "robust.md").read_text())
+    typer.echo(f"table: {run_config.workdir / 'robust.md'} (also in {run_config.workdir / 'report.md'})")
+
+
+@app.command()
+def compose(config: Path = typer.Argument(..., help="YAML compose config (see configs/hard_spurious_imagenet.yaml)."),
+            set_: Optional[list[str]] = SetOption) -> None:
+    """Build Hard-Spurious-ImageNet: inpainted backgrounds, objects at 56/84/112 px in the centre or a corner."""
+    from aspire.config import ComposeRunConfig
+
+    prefect_defaults()
+    _load(config, set_ or [], model=ComposeRunConfig)  # fail early, before Prefect starts
+    from aspire.compose import PlanError
+    from aspire.imagenet import SourceError
+    from flows.compose import compose_flow
+
+    try:
+        summary = compose_flow(config_path=str(config.resolve()), overrides=set_ or [])
+    except (PlanError, SourceError, FileExistsError) as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    for key, value in summary["by_split_category"].items():
+        typer.echo(f"{key:<14} {value}")
+    if summary["quarantine"]:
+        typer.echo(f"quarantined {len(summary['quarantine'])} source images (see compose.json)")
+    typer.echo(f"{summary['images']} images in {summary['output']}")
 
 
 @app.command()

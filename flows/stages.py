@@ -169,9 +169,11 @@ def _export(config: RunConfig, runner, store: StageStore, rows: list[Row], store
 def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     settings = retrain.retrain_config(config.classifier, config.retrain)
     if config.retrain.method != "erm":  # a robust trainer: one committed part with its val/test predictions
+        rows, grouping = retrain.group_rows(store, rows, config.retrain, config.caption,
+                                            _summary_of(stores, "collapse")["spurious"], stores["caption"].read_rows())
         predicted = retrain.robust_task(store, rows, settings, config.retrain.method,
                                         config.retrain.trainer_args(config.retrain.method))
-        summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method,
+        summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method, "grouping": grouping,
                    "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}
         return predicted, summary, [store.part_ref(retrain.ROBUST_PART)]
     trained = classifier.train_task(store, rows, settings)

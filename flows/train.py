@@ -3,13 +3,16 @@ evaluated per group on the test split, averaged over seeds (the kind of table AS
 
 It reads what ``aspire run`` committed: the dataset rows (``holdout`` stage) and, when there, the augmented set
 (``export`` stage). Each (method, seed, data) result is a committed part, so a rerun trains nothing twice.
-Groups of generated rows: one new group per class (``augmented:<class>``), so Group DRO and DFR see them.
+Groups: the dataset's labels, or for datasets without them (``retrain.groups``) class x the run's top-k spurious
+phrase group each caption mentions (:mod:`aspire.groups`); generated rows get one new group per class
+(``augmented:<class>``), so Group DRO and DFR see them.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -18,30 +21,56 @@ from prefect.cache_policies import NO_CACHE
 from aspire.cache import StageStore, stage_key
 from aspire.config import ClassifierConfig, RunConfig, load_config
 from aspire.manifest import Row, digest
+from aspire.report import attach_robust, render_robust
 from aspire.robust import evaluate, make_trainer
 from flows.keys import chain
 from flows.running import artifact_key
 from tasks import ingest
 from tasks.export import with_generated_groups
+from tasks.retrain import group_rows
 
 METHODS = ("erm", "jtt", "dfr", "groupdro")
 RESULT = "result.json"
 
 
-def committed_rows(config: RunConfig) -> dict[str, list[Row]]:
-    """``original`` (the holdout stage's rows) and, when committed, ``augmented`` (the export stage's)."""
-    out: dict[str, list[Row]] = {}
+@dataclass
+class Committed:
+    """What ``aspire run`` committed that training needs.
+
+    Attributes:
+        datasets: ``original`` (the holdout stage's rows) and, when committed, ``augmented`` (the export stage's).
+        spurious: the collapse stage's top-k phrase groups per class, or ``None``.
+        captions: the caption stage's rows (held-out images with their captions), or empty.
+    """
+
+    datasets: dict[str, list[Row]]
+    spurious: dict[str, list[list[str]]] | None
+    captions: list[Row]
+
+
+def committed(config: RunConfig) -> Committed:
+    """Read the committed stages of the run.
+
+    Raises:
+        ValueError: the holdout stage is not committed.
+    """
+    found = Committed({}, None, [])
     for name, store in chain(config, ingest.list_dataset(config)):
-        if store.stage_marker() is None:
+        marker = store.stage_marker()
+        if marker is None:
             break
         if name == "holdout":
-            out["original"] = store.read_rows()
+            found.datasets["original"] = store.read_rows()
+        if name == "caption":
+            found.captions = store.read_rows()
+        if name == "collapse":
+            found.spurious = marker["summary"]["spurious"]
         if name == "export":
-            out["augmented"] = with_generated_groups(store.read_rows())
-    if "original" not in out:
+            found.datasets["augmented"] = store.read_rows()
+    if "original" not in found.datasets:
         raise ValueError(f"{config.workdir}: the holdout stage is not committed; run `aspire run` (or "
                          "`aspire stage holdout`) first")
-    return out
+    return found
 
 
 @task(name="train-method", task_run_name="train-{method}-seed{seed}-{data}", tags=["gpu"], cache_policy=NO_CACHE)
@@ -58,12 +87,13 @@ def train_task(store: StageStore, method: str, seed: int, data: str, rows: list[
         return {}
 
     name = f"{method}-seed{seed}-{data}"
-    store.ensure_part(name, write, digest(trainer_args), checked_files=(RESULT,))
+    store.ensure_part(name, write, digest([trainer_args, digest(rows)]), checked_files=(RESULT,))
     return json.loads((store.part_dir(name) / RESULT).read_text())
 
 
 def summarize(records: list[dict]) -> list[dict]:
-    """One line per (method, data): mean and spread (population std) over seeds of test avg / worst-group acc."""
+    """One line per (method, data): mean and spread (population std) over seeds of test average and worst-group
+    accuracy, and the mean accuracy of every test group."""
     lines = []
     for method in METHODS:
         for data in ("original", "augmented"):
@@ -71,19 +101,14 @@ def summarize(records: list[dict]) -> list[dict]:
             if not mine:
                 continue
             avg, worst = [m["avg_acc"] for m in mine], [m["worst_group_acc"] for m in mine]
+            groups = list(dict.fromkeys(g for m in mine for g in m["per_group"]))
+            per_group = {g: round(statistics.mean(m["per_group"][g] for m in mine if g in m["per_group"]), 4)
+                         for g in groups}
             lines.append({"method": method, "data": data, "seeds": len(mine),
                           "avg_acc": round(statistics.mean(avg), 4), "avg_std": round(statistics.pstdev(avg), 4),
                           "worst_group_acc": round(statistics.mean(worst), 4),
-                          "worst_std": round(statistics.pstdev(worst), 4)})
+                          "worst_std": round(statistics.pstdev(worst), 4), "per_group": per_group})
     return lines
-
-
-def render(lines: list[dict]) -> str:
-    out = ["# Robust trainers (test split, mean ± std over seeds)", "", "| method | data | average | worst group |",
-           "|---|---|---|---|"]
-    out += [f"| {l['method']} | {l['data']} | {100 * l['avg_acc']:.1f} ± {100 * l['avg_std']:.1f} | "
-            f"{100 * l['worst_group_acc']:.1f} ± {100 * l['worst_std']:.1f} |" for l in lines]
-    return "\n".join(out) + "\n"
 
 
 @flow(name="aspire-train")
@@ -91,26 +116,33 @@ def train_flow(config_path: str, overrides: list[str] | None = None, methods: li
                seeds: list[int] | None = None) -> list[dict]:
     """Train every method on every seed, on the original and (when exported) the augmented set.
 
-    Writes ``<workdir>/robust.json`` and ``robust.md`` and a Prefect table artifact; returns the table lines.
+    Writes ``<workdir>/robust.json`` and ``robust.md``, adds the table to the run's report, publishes a Prefect
+    table artifact; returns the table lines.
     """
     config = load_config(config_path, overrides)
     methods, seeds = methods or ["erm"], seeds or [0]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--method {unknown[0]!r}: expected one of {METHODS}")
-    datasets = committed_rows(config)
-    records = []
-    for data, rows in datasets.items():
-        input_digest = digest(rows)
+    found = committed(config)
+    records, grouping = [], {}
+    for data, rows in found.datasets.items():
         store = StageStore(config.workdir, "train", stage_key("train", 1, config.classifier.model_dump(mode="json",
-                           exclude={"device", "num_workers"}), "robust", input_digest))
+                           exclude={"device", "num_workers"}), "robust", digest(rows)))
+        rows, grouping[data] = group_rows(store, rows, config.retrain, config.caption, found.spurious, found.captions)
+        rows = with_generated_groups(rows)
+        get_run_logger().info("%s data: groups from %s %s", data, grouping[data]["groups"],
+                              grouping[data].get("group_sizes", ""))
         for method in methods:
             for seed in seeds:
                 records.append(train_task(store, method, seed, data, rows, config.classifier,
                                           config.retrain.trainer_args(method)))
                 get_run_logger().info("%s seed %d on %s: test %s", method, seed, data, records[-1]["test"]["worst_group_acc"])
     lines = summarize(records)
-    (config.workdir / "robust.json").write_text(json.dumps({"lines": lines, "runs": records}, indent=1))
-    (config.workdir / "robust.md").write_text(render(lines))
-    create_table_artifact(lines, key=artifact_key(config, "robust"), description="Robust trainers, test split")
+    robust = {"lines": lines, "grouping": grouping}
+    (config.workdir / "robust.json").write_text(json.dumps({**robust, "runs": records}, indent=1))
+    (config.workdir / "robust.md").write_text("\n".join(render_robust(robust)) + "\n")
+    attach_robust(config.workdir, robust)
+    table = [{k: v for k, v in line.items() if k != "per_group"} for line in lines]
+    create_table_artifact(table, key=artifact_key(config, "robust"), description="Robust trainers, test split")
     return lines

@@ -180,3 +180,21 @@ def test_shard_task_commits_and_reuses_the_shard(models, rows, tmp_path):
     assert marker["cached"] is False and marker["rows"] == 5 and marker["quarantined"] == 1
     assert caption_shard_task.fn(store, 0, rows, config)["cached"] is True
     assert [r["caption_backend"] for r in store.read_shard(0).rows] == ["git"] * 5
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_phrase_groups_caption_the_rows_no_stage_captioned_with_the_configured_model(models, rows, tmp_path):
+    from aspire.config import RetrainConfig
+    from tasks.retrain import group_rows
+
+    unlabelled = [{**r, "caption": None} for r in rows]
+    config = CaptionConfig(backend="git", model=str(models["git"]), max_length=8)
+    store = StageStore(tmp_path / "run", "train", "k")
+    spurious = {"x": [["dog"]]}
+    grouped, info = group_rows(store, unlabelled, RetrainConfig(), config, spurious, [])
+    assert info["captioned_here"] == 5  # the sixth row's file is missing
+    assert grouped[5]["group_name"] == "x:uncaptioned"
+    assert all(r["group_name"] in ("x:dog", "x:none") for r in grouped[:5])
+    marker = store.read_marker("captions")
+    again, _ = group_rows(store, unlabelled, RetrainConfig(), config, spurious, [])
+    assert again == grouped and store.read_marker("captions") == marker  # committed once, read back

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from aspire.classifier import predict_images, resolve_device, to_tensor
 from aspire.config import ClassifierConfig
@@ -109,15 +109,20 @@ def selection_key(record: dict[str, Any], by_group: bool) -> tuple[float, float]
 
 
 def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int,
-        loss_fn: LossFn | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[list[dict], int]:
+        loss_fn: LossFn | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        sample_weights: Sequence[float] | None = None) -> tuple[list[dict], int]:
     """Train ``model`` in place for ``config.epochs`` epochs and load the best epoch's weights.
 
     Data order per epoch comes from a ``torch.Generator`` seeded by (seed, epoch); the global RNG (dropout in
-    torchvision models) is forked and seeded, so the caller's random state is untouched.
+    torchvision models) is forked and seeded, so the caller's random state is untouched. With ``sample_weights``
+    (one per train row) an epoch draws ``len(train_rows)`` rows with replacement in proportion to them, instead
+    of shuffling.
 
     Returns:
         (history, best_epoch).
     """
+    if sample_weights is not None and len(sample_weights) != len(train_rows):
+        raise ValueError(f"sample_weights: {len(sample_weights)} weights for {len(train_rows)} train rows")
     device = resolve_device(config.device)
     model.to(device)
     loss_fn = loss_fn or (lambda logits, labels, index: nn.functional.cross_entropy(logits, labels))
@@ -130,8 +135,11 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
         torch.manual_seed(seed)
         for epoch in range(config.epochs):
             generator.manual_seed(seed * 100003 + epoch)
+            sampler = None if sample_weights is None else WeightedRandomSampler(
+                sample_weights, len(train_rows), replacement=True, generator=generator)
             loader = DataLoader(IndexedRows(train_rows, config.image_size), batch_size=config.batch_size,
-                                shuffle=True, num_workers=config.num_workers, generator=generator)
+                                shuffle=sampler is None, sampler=sampler, num_workers=config.num_workers,
+                                generator=generator)
             model.train()
             total, correct, seen = 0.0, 0, 0
             for images, labels, index in loader:

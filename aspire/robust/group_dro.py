@@ -49,19 +49,22 @@ class GroupDROTrainer(Trainer):
     """Online Group DRO (Sagawa et al. 2020, https://arxiv.org/abs/1911.08731, Algorithm 1).
 
     Each batch: per-group mean losses loss_g, q_g <- q_g exp(η loss_g) renormalised, loss = Σ_g q_g loss_g.
-    The paper pairs it with strong L2 regularisation (weight decay up to 1.0), given here as ``l2``.
+    The paper pairs it with strong L2 regularisation (weight decay up to 1.0), given here as ``l2``, and its
+    code samples groups uniformly (``--reweight_groups``, used in its Group DRO runs), given here as ``balanced``:
+    without it a minority group of a few rows is absent from most batches and its weight hardly moves.
 
     Args:
         step_size: η (the paper's 0.01).
         l2: weight decay replacing ``config.weight_decay``; ``None`` keeps the config's.
+        balanced: draw every group equally often (row weight 1 / its group's size).
     """
 
-    def __init__(self, step_size: float = 0.01, l2: float | None = None) -> None:
+    def __init__(self, step_size: float = 0.01, l2: float | None = None, balanced: bool = True) -> None:
         if step_size <= 0:
             raise ValueError(f"step_size={step_size}: must be > 0")
         if l2 is not None and l2 < 0:
             raise ValueError(f"l2={l2}: must be >= 0 or None")
-        self.step_size, self.l2 = step_size, l2
+        self.step_size, self.l2, self.balanced = step_size, l2, balanced
 
     def train(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> TrainResult:
         """Train with the Group DRO loss; ``extras["q"]`` maps each train group to its final weight and
@@ -77,7 +80,10 @@ class GroupDROTrainer(Trainer):
                              f"(first: {missing[0]!r}). Label groups first (e.g. from the ASPIRE run's phrases).")
         names = sorted({row["group"] for row in train_rows}, key=lambda g: (str(type(g)), g))
         position = {g: i for i, g in enumerate(names)}
-        loss = GroupDROLoss(torch.tensor([position[row["group"]] for row in train_rows]), len(names), self.step_size)
+        row_groups = torch.tensor([position[row["group"]] for row in train_rows])
+        loss = GroupDROLoss(row_groups, len(names), self.step_size)
+        sizes = torch.bincount(row_groups, minlength=len(names)).double()
+        weights = (1.0 / sizes[row_groups]).tolist() if self.balanced else None
         updates = {"seed": seed} if self.l2 is None else {"seed": seed, "weight_decay": self.l2}
         config = config.model_copy(update=updates)
         model = build_model(config, num_classes(train_rows, val_rows))
@@ -85,6 +91,7 @@ class GroupDROTrainer(Trainer):
         def record_q(record: dict) -> None:
             record["q"] = {g: float(w) for g, w in zip(names, loss.q.cpu())}
 
-        history, best = fit(model, train_rows, val_rows, config, seed, loss_fn=loss, on_epoch=record_q)
+        history, best = fit(model, train_rows, val_rows, config, seed, loss_fn=loss, on_epoch=record_q,
+                             sample_weights=weights)
         log.info("Group DRO: final q %s", history[-1]["q"])
         return TrainResult(model, history, best, {"q": history[-1]["q"], "groups": names})
