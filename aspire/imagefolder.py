@@ -29,7 +29,7 @@ from typing import Any
 
 from aspire.manifest import Row
 
-JSON_COLUMNS = ("objects", "boxes")
+JSON_COLUMNS = ("objects", "boxes", "object_box")
 INT_COLUMNS = ("label", "group")
 BOOL_COLUMNS = ("has_object", "holdout", "correct")
 SKIPPED_COLUMNS = ("path",)  # absolute paths are replaced by file_name
