@@ -111,40 +111,46 @@ def backgrounds_shard_task(store: StageStore, index: int, rows: list[Row], confi
 
 
 class ArrayCache:
-    """Decoded images of one shard, by path: each file is read once however many compositions use it."""
+    """Decoded images of one shard, by path, in OpenCV's BGR(A) order: each file is read once however many
+    compositions use it, and is written back in the same order (no colour conversions)."""
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
+        self.resized: dict[tuple[str, int, int], np.ndarray] = {}
 
     def get(self, path: str) -> np.ndarray:
         if path not in self.arrays:
             array = cv2.imread(path, cv2.IMREAD_UNCHANGED)  # (H, W, 3) BGR or (H, W, 4) BGRA
-            if array is None:
-                raise OSError(f"{path}: could not read the prepared image")
-            code = cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB
-            self.arrays[path] = cv2.cvtColor(array, code)
+            if array is None or array.ndim != 3:
+                raise OSError(f"{path}: could not read the prepared image as colour")
+            self.arrays[path] = array
         return self.arrays[path]
 
-
-def compose_one(background: np.ndarray, obj: np.ndarray, object_box: list[int]) -> np.ndarray:
-    """The background with the object resized into ``object_box`` = [x0, y0, x1, y1] (RGB, uint8)."""
-    x0, y0, x1, y1 = object_box
-    w, h = x1 - x0, y1 - y0
-    shrink = w <= obj.shape[1] and h <= obj.shape[0]
-    resized = cv2.resize(obj, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return paste(background, resized, x0, y0)
+    def get_resized(self, path: str, w: int, h: int) -> np.ndarray:
+        """The image at ``path`` resized to w x h (area averaging to shrink, bilinear to enlarge), made once per
+        shard: the four groups of a size paste the same resized object."""
+        key = (path, w, h)
+        if key not in self.resized:
+            image = self.get(path)
+            shrink = w <= image.shape[1] and h <= image.shape[0]
+            self.resized[key] = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return self.resized[key]
 
 
 def run_compose(rows: list[Row], out: Path, quality: int) -> ShardResult:
-    """Compose one shard: rows carry ``background_path``, ``object_path`` and ``object_box``."""
+    """Compose one shard: rows carry ``background_path``, ``object_path`` and ``object_box`` = [x0, y0, x1, y1]."""
     cache = ArrayCache()
     made = []
     params = [cv2.IMWRITE_JPEG_QUALITY, quality]
     for row in rows:
-        image = compose_one(cache.get(row["background_path"]), cache.get(row["object_path"]), row["object_box"])
+        x0, y0, x1, y1 = row["object_box"]
+        obj = cache.get_resized(row["object_path"], x1 - x0, y1 - y0)
+        image = paste(cache.get(row["background_path"]), obj, x0, y0)
+        ok, encoded = cv2.imencode(".jpg", image, params)
+        if not ok:
+            raise OSError(f"{row['image_id']}: could not encode the JPEG")
         path = out / f"{row['image_id']}.jpg"
-        if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params):
-            raise OSError(f"{path}: could not write the JPEG")
+        path.write_bytes(encoded.tobytes())
         made.append({**{k: v for k, v in row.items() if k not in ("background_path", "object_path")},
                      "path": str(path)})
     return ShardResult(made, [], {"composed": len(made)})

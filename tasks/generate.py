@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from aspire.cache import ShardResult, StageStore
+from aspire.compose import paste
 from aspire.config import BackgroundConfig, GenerateConfig, RemoveConfig
 from aspire.manifest import Row, digest
 from aspire.phrases import BowEmbedder
@@ -115,11 +116,10 @@ class CompositeGenerator:
         scale = rng.uniform(*self.config.object_scale)
         w = max(2, min(size, round(crop.width * scale)))
         h = max(2, min(size, round(crop.height * scale)))
-        obj = crop.resize((w, h), Image.BILINEAR)
-        alpha = Image.fromarray((mask * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)
+        obj = np.asarray(crop.convert("RGB").resize((w, h), Image.BILINEAR))  # (h, w, 3)
+        alpha = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))  # (h, w)
         x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-        canvas.paste(obj, (x, y), alpha)
-        return canvas
+        return Image.fromarray(paste(np.asarray(canvas.convert("RGB")), np.dstack([obj, alpha]), x, y))
 
 
 def run_generate_composite(jobs: list[Row], generator: CompositeGenerator, sources: dict[str, list[Row]],

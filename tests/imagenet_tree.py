@@ -21,9 +21,9 @@ CLASSES = {  # wnid: (name, background colour, object colour)
 }
 
 
-def _image(rng: np.random.Generator, wnid: str, two_objects: bool) -> tuple[Image.Image, list[list[int]]]:
+def _image(rng: np.random.Generator, wnid: str, two_objects: bool, scale: float) -> tuple[Image.Image, list[list[int]]]:
     _, background, colour = CLASSES[wnid]
-    width, height = int(rng.integers(70, 120)), int(rng.integers(60, 100))
+    width, height = int(scale * rng.integers(70, 120)), int(scale * rng.integers(60, 100))
     pixels = np.clip(np.array(background) + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
     boxes = []
     for _ in range(2 if two_objects else 1):
@@ -43,14 +43,15 @@ def _voc(path: Path, width: int, height: int, objects: list[tuple[str, list[int]
 
 
 def make_tree(root: Path, boxes: str = "voc", train: int = 12, val: int = 4, unboxed: int = 2, seed: int = 0,
-              classes: tuple[str, ...] = tuple(CLASSES)) -> Path:
-    """Write the tree. ``unboxed`` train images per class get no box (not composable, as in ImageNet)."""
+              classes: tuple[str, ...] = tuple(CLASSES), scale: float = 1.0) -> Path:
+    """Write the tree. ``unboxed`` train images per class get no box (not composable, as in ImageNet); ``scale``
+    multiplies the image sides (about 70-120 x 60-100 px; 4.5 gives ImageNet-like 315-540 x 270-450 px)."""
     rng = np.random.default_rng(seed)
     records: dict[str, list[tuple[str, str]]] = {"train": [], "val": []}
     for wnid in classes:
         for i in range(train + unboxed + val):
             pool = "train" if i < train + unboxed else "val"
-            image, image_boxes = _image(rng, wnid, two_objects=i % 5 == 0)
+            image, image_boxes = _image(rng, wnid, two_objects=i % 5 == 0, scale=scale)
             if pool == "train":
                 image_id = f"{wnid}_{i}"
                 path = root / "train" / wnid / f"{image_id}.JPEG"

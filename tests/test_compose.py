@@ -40,7 +40,7 @@ def trees(tmp_path_factory):
 
 def test_voc_and_csv_boxes_give_the_same_sources(trees):
     voc, csv_ = read_imagenet(trees["voc"]), read_imagenet(trees["csv"])
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "path"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "path"} for r in rows]
     assert strip(voc.rows) == strip(csv_.rows) and len(voc.rows) == 4 * (12 + 4)
     assert voc.without_box == {w: 2 for w in CLASSES}  # unannotated train images are counted, not composed
     assert {r["pool"] for r in voc.rows} == {"train", "val"}
@@ -269,3 +269,54 @@ def test_cli_compose_reports_counts_and_names_a_plan_error(trees, tmp_path):
     assert result.exit_code == 2 and "needs 9 distinct source images" in result.output
     result = CliRunner().invoke(app, ["compose", str(config)])
     assert result.exit_code == 0 and "test/hard" in result.output and "320 images" in result.output
+
+
+# -- real backends through the backgrounds step, and a manifest source -------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+def test_backgrounds_with_segment_anything_masks_and_lama(trees, tmp_path, monkeypatch):
+    import torch
+    from segment_anything import sam_model_registry
+
+    from aspire.config import ComposeRunConfig
+    from tasks.compose import run_backgrounds
+    from tests.test_inpainters import HalfGrey
+    from tests.test_segmenters import TINY, sam_config, save_sam_checkpoint, tiny_sam
+
+    monkeypatch.setitem(sam_model_registry, TINY, tiny_sam)
+    lama = tmp_path / "big-lama.pt"
+    torch.jit.script(HalfGrey()).save(str(lama))
+    monkeypatch.setenv("LAMA_MODEL", str(lama))
+    remove = sam_config(save_sam_checkpoint(tmp_path / "sam.pth", 0)).model_copy(
+        update={"inpaint": "lama", "dilate": 3, "max_side": 1024, "batch_size": 4})
+    config = ComposeRunConfig.model_construct(
+        workdir=tmp_path, source=None, remove=remove, compose=ComposeSettings(**{**SMALL, "mask": "segmenter"}))
+    sources = read_imagenet(trees["voc"]).rows[:5]
+    out = tmp_path / "prepared"
+    out.mkdir()
+    result = run_backgrounds(sources, out, config)
+    assert [r["image_id"] for r in result.rows] == [r["image_id"] for r in sources] and not result.quarantine
+    for row in result.rows:
+        background = np.asarray(Image.open(row["background_path"]))
+        assert background.shape == (64, 64, 3)
+        obj = Image.open(row["object_path"])
+        x0, y0, x1, y1 = max(row["boxes"], key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+        assert obj.mode == "RGBA" and obj.size == (int(x1 - x0), int(y1 - y0))  # the box, alpha = SAM's mask
+        assert 0 < row["hole_fraction"] <= 1
+
+
+def test_manifest_sources_from_the_synthetic_benchmark(tmp_path):
+    from aspire.imagenet import read_manifest_sources
+    from aspire.synth import SynthConfig, draw_benchmark
+
+    rows = draw_benchmark(SynthConfig(image_size=32, train_per_class=6, val_per_group=1, test_per_group=1), tmp_path)
+    sources = read_manifest_sources(rows, classes=["dog", "car"])
+    assert {r["wnid"] for r in sources.rows} == {"dog", "car"} and sources.without_box == {}
+    assert Counter(r["pool"] for r in sources.rows) == {
+        "train": sum(r["split"] in ("train", "val") and r["class_name"] in ("dog", "car") for r in rows),
+        "val": sum(r["split"] == "test" and r["class_name"] in ("dog", "car") for r in rows)}
+    by_id = {r["image_id"]: r for r in rows}
+    for source in sources.rows:  # only the class's own box, not the planted object's
+        (box,) = [b["box"] for b in by_id[source["image_id"]]["boxes"] if b["phrase"] == source["class_name"]]
+        assert source["boxes"] == [list(map(float, box))]

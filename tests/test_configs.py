@@ -4,12 +4,25 @@ from pathlib import Path
 
 import pytest
 
-from aspire.config import load_config
+from aspire.config import ComposeRunConfig, ConfigError, load_config
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if p.name != "synth.yaml")
+FOLDER = Path(__file__).resolve().parents[1] / "configs"
+COMPOSE = ("hard_spurious_imagenet.yaml",)
+CONFIGS = sorted(p for p in FOLDER.glob("*.yaml") if p.name != "synth.yaml" and p.name not in COMPOSE)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_validates(path, tmp_path):
     config = load_config(path, base=tmp_path)
     assert config.workdir.is_absolute() and config.dataset.root.is_absolute()
+
+
+@pytest.mark.parametrize("name", COMPOSE)
+def test_compose_config_validates_and_bad_values_are_named(name, tmp_path):
+    config = load_config(FOLDER / name, base=tmp_path, model=ComposeRunConfig)
+    assert config.source.root.is_absolute() and config.output.is_absolute()
+    assert config.compose.sizes == [56, 84, 112] and config.remove.dilate == 15
+    with pytest.raises(ConfigError, match=r"compose = .*sizes \[300\]: must be between 1 and canvas \(224\)"):
+        load_config(FOLDER / name, ["compose.sizes=[56, 300]"], base=tmp_path, model=ComposeRunConfig)
+    with pytest.raises(ConfigError, match="compose.aspect"):
+        load_config(FOLDER / name, ["compose.aspect=stretch"], base=tmp_path, model=ComposeRunConfig)
