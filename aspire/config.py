@@ -229,6 +229,9 @@ class RetrainConfig(Section):
     jtt_upweight: int = Field(20, ge=1, description="JTT: lambda_up, copies of each error-set row (JTT paper: 20-100).")
     groupdro_step_size: float = Field(0.01, gt=0, description="Group DRO: step size of the group weights (paper: 0.01).")
     groupdro_l2: float | None = Field(None, ge=0, description="Group DRO: weight decay replacing classifier.weight_decay (strong L2, e.g. 1.0).")
+    dfr_base: Literal["classifier", "train"] = Field(
+        "classifier", description="DFR: the frozen backbone is the run's ERM model (classifier stage, no retraining) "
+        "or an ERM model trained on the (original or augmented) train rows.")
     groups: Literal["auto", "labels", "phrases"] = Field(
         "auto", description="Groups for group-aware training and worst-group selection: labels (the dataset's "
         "group column), phrases (class x the run's top-k spurious phrase group its caption mentions, see "

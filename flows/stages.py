@@ -171,8 +171,10 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
     if config.retrain.method != "erm":  # a robust trainer: one committed part with its val/test predictions
         rows, grouping = retrain.group_rows(store, rows, config.retrain, config.caption,
                                             _summary_of(stores, "collapse")["spurious"], stores["caption"].read_rows())
-        predicted = retrain.robust_task(store, rows, settings, config.retrain.method,
-                                        config.retrain.trainer_args(config.retrain.method))
+        args = config.retrain.trainer_args(config.retrain.method)
+        if config.retrain.method == "dfr" and config.retrain.dfr_base == "classifier":  # the run's ERM backbone
+            args["base_model_path"] = str(stores["classifier"].part_dir(classifier.MODEL_PART) / classifier.MODEL_FILE)
+        predicted = retrain.robust_task(store, rows, settings, config.retrain.method, args)
         summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method, "grouping": grouping,
                    "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}
         return predicted, summary, [store.part_ref(retrain.ROBUST_PART)]

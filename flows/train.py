@@ -25,7 +25,7 @@ from aspire.report import attach_robust, render_robust
 from aspire.robust import evaluate, make_trainer
 from flows.keys import chain
 from flows.running import artifact_key
-from tasks import ingest
+from tasks import classifier, ingest
 from tasks.export import with_generated_groups
 from tasks.retrain import group_rows
 
@@ -41,11 +41,13 @@ class Committed:
         datasets: ``original`` (the holdout stage's rows) and, when committed, ``augmented`` (the export stage's).
         spurious: the collapse stage's top-k phrase groups per class, or ``None``.
         captions: the caption stage's rows (held-out images with their captions), or empty.
+        erm_model: the classifier stage's ERM model file (DFR's backbone with ``retrain.dfr_base=classifier``).
     """
 
     datasets: dict[str, list[Row]]
     spurious: dict[str, list[list[str]]] | None
     captions: list[Row]
+    erm_model: str | None = None
 
 
 def committed(config: RunConfig) -> Committed:
@@ -59,6 +61,8 @@ def committed(config: RunConfig) -> Committed:
         marker = store.stage_marker()
         if marker is None:
             break
+        if name == "classifier":
+            found.erm_model = str(store.part_dir(classifier.MODEL_PART) / classifier.MODEL_FILE)
         if name == "holdout":
             found.datasets["original"] = store.read_rows()
         if name == "caption":
@@ -71,6 +75,15 @@ def committed(config: RunConfig) -> Committed:
         raise ValueError(f"{config.workdir}: the holdout stage is not committed; run `aspire run` (or "
                          "`aspire stage holdout`) first")
     return found
+
+
+def trainer_args(config: RunConfig, method: str, erm_model: str | None) -> dict:
+    """The retrain section's arguments of ``method``; DFR gets the run's ERM model as its backbone
+    (``retrain.dfr_base=classifier``), so it fits only a new head and never retrains the backbone."""
+    args = config.retrain.trainer_args(method)
+    if method == "dfr" and config.retrain.dfr_base == "classifier" and erm_model is not None:
+        args["base_model_path"] = erm_model
+    return args
 
 
 @task(name="train-method", task_run_name="train-{method}-seed{seed}-{data}", tags=["gpu"], cache_policy=NO_CACHE)
@@ -136,7 +149,7 @@ def train_flow(config_path: str, overrides: list[str] | None = None, methods: li
         for method in methods:
             for seed in seeds:
                 records.append(train_task(store, method, seed, data, rows, config.classifier,
-                                          config.retrain.trainer_args(method)))
+                                          trainer_args(config, method, found.erm_model)))
                 get_run_logger().info("%s seed %d on %s: test %s", method, seed, data, records[-1]["test"]["worst_group_acc"])
     lines = summarize(records)
     robust = {"lines": lines, "grouping": grouping}

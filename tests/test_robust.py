@@ -122,6 +122,24 @@ def test_dfr_keeps_the_backbone_and_fits_the_head_on_balanced_subsets(bench, erm
     assert len(predict_rows(dfr.model, bench["test"], CONFIG)) == len(bench["test"])
 
 
+def test_dfr_on_a_saved_erm_model_fits_its_head_on_val_and_generated_rows(bench, erm, tmp_path):
+    from aspire.classifier import save_model
+
+    save_model(erm.model, tmp_path / "model.pt", CONFIG, ["dog", "bird", "car"])
+    generated = [{**row, "image_id": f"gen-{row['image_id']}", "source": "generated", "group": 100 + row["label"]}
+                 for row in bench["test"][:12]]
+    dfr = DFRTrainer(base_model_path=str(tmp_path / "model.pt"), n_refits=2).train(
+        bench["train"] + generated, bench["val"], CONFIG, seed=0)
+    assert dfr.history == [] and dfr.best_epoch is None  # no ERM trained here: the saved backbone is used
+    features = {k: v for k, v in erm.model.state_dict().items() if not k.startswith("fc.")}
+    assert all(torch.equal(features[k], v) for k, v in dfr.model[0].state_dict().items())
+    for subset in dfr.extras["refit_subsets"]:  # the generated rows' groups are balanced in with the others
+        assert sum(i.startswith("gen-") for i in subset) > 0
+    without = DFRTrainer(base_model_path=str(tmp_path / "model.pt"), n_refits=2, generated_in_head=False).train(
+        bench["train"] + generated, bench["val"], CONFIG, seed=0)
+    assert not any(i.startswith("gen-") for s in without.extras["refit_subsets"] for i in s)
+
+
 def test_dfr_helpers():
     import numpy as np
 

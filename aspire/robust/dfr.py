@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from sklearn.multiclass import OneVsRestClassifier
 from torch import nn
 from torch.utils.data import DataLoader
 
-from aspire.classifier import resolve_device
+from aspire.classifier import load_model, resolve_device
 from aspire.config import ClassifierConfig
 from aspire.manifest import Row
 from aspire.robust.base import (
@@ -31,8 +32,11 @@ log = logging.getLogger(__name__)
 class DFRTrainer(Trainer):
     """DFR (Kirichenko et al. 2022, https://arxiv.org/abs/2204.02937, Sec. 5 and Appendix B "DFR^Val_Tr").
 
-    1. Take an ERM model (``base_model``, or train one with :class:`ERMTrainer`); its backbone is frozen.
-    2. Embed the validation rows with the backbone (the model without its final linear layer).
+    1. Take an ERM model (``base_model``, the one saved at ``base_model_path`` (e.g. the run's classifier
+       stage), or train one with :class:`ERMTrainer`); its backbone is frozen.
+    2. Embed the head rows with the backbone (the model without its final linear layer): the validation rows,
+       plus the generated train rows (``source == "generated"``) when ``generated_in_head``: ASPIRE adds its
+       augmentations to the set a 2-stage method uses in its second stage (App. A.4).
     3. Tune C: split validation in half per group; fit an L1 logistic regression (liblinear) for every C on a
        group-balanced subset of the first half (features standardised) and keep the C with the best
        worst-group accuracy on the second half.
@@ -43,15 +47,20 @@ class DFRTrainer(Trainer):
         base_model: a trained classifier whose last layer is ``fc``/``head``/``heads``/``classifier``.
         c_grid: inverse L1 strengths to try (DFR's grid).
         n_refits: balanced subsamples averaged into the final head.
+        base_model_path: a model saved by :func:`aspire.classifier.save_model`, used when ``base_model`` is None.
+        generated_in_head: fit the head on the generated train rows too.
     """
 
     def __init__(self, base_model: nn.Module | None = None, c_grid: Sequence[float] = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01),
-                 n_refits: int = 10) -> None:
+                 n_refits: int = 10, base_model_path: str | None = None, generated_in_head: bool = True) -> None:
         if not c_grid or min(c_grid) <= 0:
             raise ValueError(f"c_grid={list(c_grid)}: need at least one C, all > 0")
         if n_refits < 1:
             raise ValueError(f"n_refits={n_refits}: must be >= 1")
+        if base_model is None and base_model_path is not None:
+            base_model = load_model(Path(base_model_path))[0]
         self.base_model, self.c_grid, self.n_refits = base_model, tuple(c_grid), n_refits
+        self.generated_in_head = generated_in_head
 
     def train(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> TrainResult:
         """Return backbone + new head; ``extras`` holds the C table, the best C and the refit subsets' image ids.
@@ -66,7 +75,9 @@ class DFRTrainer(Trainer):
             erm = ERMTrainer().train(train_rows, val_rows, config, seed)
             history, best_epoch, base = erm.history, erm.best_epoch, erm.model
         backbone = strip_head(base)
-        # 2. Embeddings, labels and balancing groups of the validation rows.
+        # 2. Embeddings, labels and balancing groups of the head rows.
+        if self.generated_in_head:
+            val_rows = [*val_rows, *(r for r in train_rows if r.get("source") == "generated")]
         x = embed(backbone, val_rows, config)  # (N, D)
         y = np.array([row["label"] for row in val_rows])
         groups = np.array([str(row["group"]) if row.get("group") is not None else f"class:{row['label']}" for row in val_rows])
