@@ -253,6 +253,21 @@ def test_train_command_compares_methods_on_original_and_augmented_data(run_confi
     before = {p: p.stat().st_mtime_ns for p in parts}
     assert CliRunner().invoke(app, ["train", str(run_config), "--method", "erm", "--method", "groupdro"]).exit_code == 0
     assert {p: p.stat().st_mtime_ns for p in parts} == before  # a rerun trains nothing
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Robust trainers with and without the augmentations" in report
+    assert "| ERM + ASPIRE |" in report and "| Group DRO |" in report and "Per-group test accuracy" in report
+
+    # Groups from the run's spurious phrases instead of the labels; DFR on the classifier stage's ERM model.
+    result = CliRunner().invoke(app, ["train", str(run_config), "--method", "groupdro", "--method", "dfr",
+                                      "--set", "retrain.groups=phrases"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "run" / "robust.json").read_text())
+    grouping = saved["grouping"]["original"]
+    assert grouping["groups"] == "phrases" and grouping["test_groups"] == "labels"
+    classes = {name.split(":")[0] for name in grouping["group_sizes"]}
+    assert classes == {"dog", "bird", "car"} and any(name.endswith(":none") for name in grouping["group_sizes"])
+    dfr = [r for r in saved["runs"] if r["method"] == "dfr"]
+    assert len(dfr) == 2 and all(r["best_epoch"] is None for r in dfr)  # no backbone trained
 
 
 def test_retrain_stage_with_a_robust_method(run_config, tmp_path):
@@ -261,3 +276,5 @@ def test_retrain_stage_with_a_robust_method(run_config, tmp_path):
     assert report["stages"]["export"]["cached"] or report["stages"]["export"]["status"] == "done"
     again = run(run_config, "retrain.method=groupdro")
     assert again["stages"]["retrain"]["cached"] and again["after"] == report["after"]
+    dfr = run(run_config, "retrain.method=dfr")  # a new head on the classifier stage's ERM backbone
+    assert dfr["after"] is not None and not dfr["stages"]["retrain"]["cached"]
