@@ -7,21 +7,23 @@ ASPIRE step 1 (https://arxiv.org/abs/2308.10103, Sec. 2(1) and Sec. 3): an ERM m
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from aspire.config import ClassifierConfig
 from aspire.images import load_rgb
 from aspire.manifest import Row
+from aspire.metrics import group_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -117,79 +119,6 @@ def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return (tensor - mean) / std
 
 
-class RowDataset(Dataset):
-    """Manifest rows as (image tensor, label) pairs."""
-
-    def __init__(self, rows: Sequence[Row], image_size: int) -> None:
-        self.rows, self.image_size = list(rows), image_size
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        row = self.rows[i]
-        return to_tensor(load_rgb(row["path"]), self.image_size), row["label"]
-
-
-def train_erm(
-    model: nn.Module,
-    rows: Sequence[Row],
-    config: ClassifierConfig,
-    checkpoint: Path | None = None,
-    on_epoch: Callable[[int, float], None] | None = None,
-) -> list[dict[str, float]]:
-    """Train ``model`` in place with ERM (cross-entropy, SGD with momentum), seeded by ``config.seed``.
-
-    Args:
-        model: the classifier, e.g. from :func:`build_model`.
-        rows: training rows (``path``, ``label``).
-        config: optimiser settings.
-        checkpoint: if given, saved after every epoch and resumed from when present (a killed run goes on
-            from its last finished epoch).
-        on_epoch: called with (epoch, mean loss) after each epoch.
-
-    Returns:
-        History: one ``{"epoch", "loss", "train_acc"}`` per epoch (resumed epochs included).
-    """
-    device = resolve_device(config.device)
-    model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    history: list[dict[str, float]] = []
-    start = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, start = state["history"], state["epoch"] + 1
-        log.info("resuming ERM training from epoch %d (%s)", start, checkpoint)
-    loader_seed = torch.Generator().manual_seed(config.seed)
-    for epoch in range(start, config.epochs):
-        loader_seed.manual_seed(config.seed * 100003 + epoch)  # same order per epoch whether resumed or not
-        loader = DataLoader(RowDataset(rows, config.image_size), batch_size=config.batch_size, shuffle=True,
-                            num_workers=config.num_workers, generator=loader_seed)
-        model.train()
-        total_loss, correct, seen = 0.0, 0, 0
-        for images, labels in tqdm(loader, desc=f"ERM epoch {epoch + 1}/{config.epochs}", leave=False):
-            images, labels = images.to(device), labels.to(device)
-            logits = model(images)
-            loss = nn.functional.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += len(labels)
-        history.append({"epoch": epoch, "loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)})
-        log.info("ERM epoch %d/%d loss %.4f train acc %.3f", epoch + 1, config.epochs, history[-1]["loss"], history[-1]["train_acc"])
-        if on_epoch is not None:
-            on_epoch(epoch, history[-1]["loss"])
-        if checkpoint is not None:
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": history, "epoch": epoch}, tmp)
-            tmp.replace(checkpoint)
-    return history
-
-
 @torch.no_grad()
 def predict_images(model: nn.Module, images: Sequence[Image.Image], image_size: int, batch_size: int = 64,
                    device: str = "auto") -> tuple[list[int], list[float]]:
@@ -220,3 +149,121 @@ def load_model(path: Path) -> tuple[nn.Module, ClassifierConfig, list[str]]:
     model.load_state_dict(saved["state_dict"])
     model.eval()
     return model, ClassifierConfig.model_validate(saved["config"]), saved["class_names"]
+
+
+# -- training -------------------------------------------------------------------------------------------
+
+# loss_fn(logits (B, K), labels (B,), row indices (B,)) -> scalar loss; the indices let a method look up groups.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class IndexedRows(Dataset):
+    """Manifest rows as (image tensor (3, S, S), label, row index)."""
+
+    def __init__(self, rows: Sequence[Row], image_size: int) -> None:
+        self.rows, self.image_size = list(rows), image_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        row = self.rows[i]
+        return to_tensor(load_rgb(row["path"]), self.image_size), row["label"], i
+
+
+def predict_rows(model: nn.Module, rows: Sequence[Row], config: ClassifierConfig, chunk: int = 512) -> list[int]:
+    """Predicted labels of ``rows`` (in order), by :func:`predict_images`; images are loaded chunk by chunk."""
+    preds: list[int] = []
+    for start in range(0, len(rows), chunk):
+        images = [load_rgb(row["path"]) for row in rows[start : start + chunk]]
+        preds += predict_images(model, images, config.image_size, config.batch_size, config.device)[0]
+    return preds
+
+
+def evaluate(model: nn.Module, rows: Sequence[Row], config: ClassifierConfig) -> dict:
+    """:func:`~aspire.metrics.group_accuracy` (average, per-group, worst-group) of the model on ``rows``."""
+    preds = predict_rows(model, rows, config)
+    return group_accuracy({**row, "pred": pred} for row, pred in zip(rows, preds))
+
+
+def selection_key(record: dict[str, Any], by_group: bool) -> tuple[float, float]:
+    """Worst-group then average val accuracy (by_group), or average accuracy alone."""
+    avg = record["val_avg_acc"] or 0.0
+    return (record["val_worst_group_acc"] or 0.0, avg) if by_group else (avg, 0.0)
+
+
+def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int,
+        loss_fn: LossFn | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        sample_weights: Sequence[float] | None = None, checkpoint: Path | None = None) -> tuple[list[dict], int]:
+    """Train ``model`` in place for ``config.epochs`` epochs (SGD with momentum) and load the best epoch's weights:
+    the one training loop of the project (the classifier stage's ERM model and every robust trainer).
+
+    Data order per epoch comes from a ``torch.Generator`` seeded by (seed, epoch); the global RNG (dropout in
+    torchvision models) is forked and seeded, so the caller's random state is untouched. With ``sample_weights``
+    (one per train row) an epoch draws ``len(train_rows)`` rows with replacement in proportion to them, instead
+    of shuffling. With ``checkpoint``, the state (weights, optimiser, RNG, history, best epoch) is saved after
+    every epoch and resumed from when present, so a killed run goes on from its last finished epoch and ends
+    with the same weights.
+
+    Returns:
+        (history, best_epoch).
+    """
+    if sample_weights is not None and len(sample_weights) != len(train_rows):
+        raise ValueError(f"sample_weights: {len(sample_weights)} weights for {len(train_rows)} train rows")
+    device = resolve_device(config.device)
+    model.to(device)
+    loss_fn = loss_fn or (lambda logits, labels, index: nn.functional.cross_entropy(logits, labels))
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    by_group = bool(val_rows) and all(row.get("group") is not None for row in val_rows)
+    history: list[dict[str, Any]] = []
+    best_epoch, best_state, start = None, None, 0
+    generator = torch.Generator()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        if checkpoint is not None and checkpoint.is_file():
+            state = torch.load(checkpoint, map_location=device, weights_only=False)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            history, best_epoch, best_state = state["history"], state["best_epoch"], state["best_state"]
+            start = len(history)
+            log.info("resuming training from epoch %d (%s)", start + 1, checkpoint)
+        for epoch in range(start, config.epochs):
+            generator.manual_seed(seed * 100003 + epoch)
+            sampler = None if sample_weights is None else WeightedRandomSampler(
+                sample_weights, len(train_rows), replacement=True, generator=generator)
+            loader = DataLoader(IndexedRows(train_rows, config.image_size), batch_size=config.batch_size,
+                                shuffle=sampler is None, sampler=sampler, num_workers=config.num_workers,
+                                generator=generator)
+            model.train()
+            total, correct, seen = 0.0, 0, 0
+            for images, labels, index in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
+                images, labels = images.to(device), labels.to(device)
+                logits = model(images)  # (B, K)
+                loss = loss_fn(logits, labels, index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.item() * len(labels)
+                correct += (logits.argmax(1) == labels).sum().item()
+                seen += len(labels)
+            val = evaluate(model, val_rows, config) if val_rows else {}
+            record = {"epoch": epoch, "loss": total / seen, "train_acc": correct / seen, "val_avg_acc": val.get("avg_acc"),
+                      "val_worst_group_acc": val.get("worst_group_acc"), "val_worst_group": val.get("worst_group")}
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            log.info("epoch %d/%d loss %.4f val avg %s worst %s", epoch + 1, config.epochs, record["loss"],
+                     record["val_avg_acc"], record["val_worst_group_acc"])
+            better = best_epoch is None or selection_key(record, by_group) > selection_key(history[best_epoch], by_group)
+            if not val_rows or better:  # no val rows: keep the last epoch
+                best_epoch = epoch
+                best_state = copy.deepcopy(model.state_dict())
+            if checkpoint is not None:
+                tmp = checkpoint.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                            "history": history, "best_epoch": best_epoch, "best_state": best_state}, tmp)
+                tmp.replace(checkpoint)
+    model.load_state_dict(best_state)
+    model.eval()
+    return history, best_epoch

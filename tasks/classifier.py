@@ -23,10 +23,10 @@ from prefect.cache_policies import NO_CACHE
 from aspire.cache import ShardResult, StageStore, file_digest
 from aspire.classifier import (
     build_model,
+    fit,
     load_model,
     predict_images,
     save_model,
-    train_erm,
 )
 from aspire.config import ClassifierConfig
 from aspire.images import ImageError, load_rgb
@@ -64,7 +64,7 @@ def train_classifier(rows: list[Row], config: ClassifierConfig, out_dir: Path, c
         raise ValueError("classifier: the manifest has no rows with split='train' to train on")
     names = class_names(rows)
     model = build_model(config, len(names))
-    history = train_erm(model, train, config, checkpoint=checkpoint)
+    history, _ = fit(model, train, [], config, config.seed, checkpoint=checkpoint)
     save_model(model, out_dir / MODEL_FILE, config, names)
     (out_dir / "history.json").write_text(json.dumps(history, indent=1))
     return {"epochs": len(history), "final_train_acc": history[-1]["train_acc"], "classes": names}

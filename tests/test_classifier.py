@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from aspire.classifier import build_model, load_model, predict_images, train_erm
-from aspire.config import ClassifierConfig, HoldoutConfig
 from aspire.cache import file_digest
+from aspire.classifier import build_model, fit, load_model, predict_images
+from aspire.config import ClassifierConfig, HoldoutConfig
 from tasks.classifier import load_classifier, run_predict, train_classifier
 from tasks.holdout import evaluate, select_holdout
 
@@ -62,8 +62,8 @@ def test_erm_learns_and_is_seeded(tmp_path):
     train = [r for r in rows if r["split"] == "train"]
     config = ClassifierConfig(arch="small-cnn", epochs=4, lr=0.05, **CPU)
     a, b = build_model(config, 2), build_model(config, 2)
-    history_a = train_erm(a, train, config)
-    train_erm(b, train, config)
+    history_a, _ = fit(a, train, [], config, config.seed)
+    fit(b, train, [], config, config.seed)
     assert history_a[-1]["train_acc"] == 1.0
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     preds, confs = predict_images(a, [Image.open(r["path"]) for r in rows], 16, batch_size=5, device="cpu")
@@ -74,12 +74,12 @@ def test_training_resumes_from_checkpoint_identically(tmp_path):
     rows = [r for r in colour_rows(tmp_path) if r["split"] == "train"]
     straight = ClassifierConfig(arch="small-cnn", epochs=3, lr=0.05, **CPU)
     model = build_model(straight, 2)
-    train_erm(model, rows, straight)
+    fit(model, rows, [], straight, 0)
     checkpoint = tmp_path / "ckpt.pt"
     first = build_model(straight, 2)
-    train_erm(first, rows, straight.model_copy(update={"epochs": 2}), checkpoint=checkpoint)  # "killed" after 2
+    fit(first, rows, [], straight.model_copy(update={"epochs": 2}), 0, checkpoint=checkpoint)  # "killed" after 2
     resumed = build_model(straight, 2)
-    history = train_erm(resumed, rows, straight, checkpoint=checkpoint)
+    history, _ = fit(resumed, rows, [], straight, 0, checkpoint=checkpoint)
     assert [h["epoch"] for h in history] == [0, 1, 2]
     for p, q in zip(model.state_dict().values(), resumed.state_dict().values()):
         assert torch.allclose(p.float(), q.float(), atol=1e-6)

@@ -160,16 +160,45 @@ def test_group_dro_needs_groups(bench):
 
 
 def test_group_dro_weights_are_a_distribution_that_favours_the_worst_groups(bench):
+    from aspire.robust.group_dro import GroupDROLoss
+
     q = dro_update(torch.tensor([0.5, 0.5]), torch.tensor([1.0, 3.0]), step_size=0.01)
     assert q.sum().item() == pytest.approx(1.0) and q[1] > 0.5 > q[0]
+    loss = GroupDROLoss(torch.tensor([0, 0, 1, 1, 2]), 3, step_size=0.5)
+    logits = torch.tensor([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [0.0, 4.0], [1.0, 0.0]])  # group 1 is wrong
+    labels = torch.zeros(5, dtype=torch.long)
+    for _ in range(5):
+        value = loss(logits[:4], labels[:4], torch.arange(4))  # group 2 absent from these batches
+    assert loss.q[1] > 0.9 and loss.q.sum().item() == pytest.approx(1.0)
+    losses = torch.nn.functional.cross_entropy(logits[:4], labels[:4], reduction="none")
+    assert value.item() == pytest.approx(loss.q[0].item() * losses[:2].mean().item() + loss.q[1].item() * losses[2:].mean().item(), rel=1e-5)
+
     result = GroupDROTrainer(step_size=0.01).train(bench["train"], bench["val"], CONFIG, seed=0)
     weights = result.extras["q"]
+    assert set(weights) == {row["group"] for row in bench["train"]}
     assert sum(weights.values()) == pytest.approx(1.0)
     assert all(sum(r["q"].values()) == pytest.approx(1.0) for r in result.history)
-    sizes = Counter(row["group"] for row in bench["train"])
-    minority = [weights[g] for g in weights if sizes[g] < 10]
-    majority = [weights[g] for g in weights if sizes[g] >= 10]
-    assert sum(minority) / len(minority) > 1 / len(weights) > sum(majority) / len(majority)
+
+
+def test_sample_weights_draw_groups_equally_often(bench):
+    from aspire.classifier import build_model, fit
+
+    train = bench["train"]
+    sizes = Counter(row["group"] for row in train)
+    seen: Counter = Counter()
+
+    def recording_loss(logits, labels, index):
+        seen.update(train[i]["group"] for i in index.tolist())
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    config = CONFIG.model_copy(update={"epochs": 4})
+    fit(build_model(config, 3), train, [], config, 0, loss_fn=recording_loss,
+        sample_weights=[1 / sizes[row["group"]] for row in train])
+    assert sum(seen.values()) == 4 * len(train)
+    expected = 4 * len(train) / len(sizes)
+    assert all(0.4 * expected < seen[g] < 1.8 * expected for g in sizes), seen  # vs sizes from 1 to ~50
+    with pytest.raises(ValueError, match="sample_weights: 2 weights for"):
+        fit(build_model(config, 3), train, [], config, 0, sample_weights=[1.0, 1.0])
 
 
 @pytest.mark.parametrize("method", ["erm", "groupdro"])
