@@ -237,7 +237,10 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
                                 generator=generator)
             model.train()
             total, correct, seen = 0.0, 0, 0
-            for images, labels, index in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False):
+            # A progress bar beside the loop, not around it: tqdm(loader) changes the loader's shuffle order.
+            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+            for images, labels, index in loader:
+                bar.update(1)
                 images, labels = images.to(device), labels.to(device)
                 logits = model(images)  # (B, K)
                 loss = loss_fn(logits, labels, index)
@@ -247,6 +250,7 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
                 total += loss.item() * len(labels)
                 correct += (logits.argmax(1) == labels).sum().item()
                 seen += len(labels)
+            bar.close()
             val = evaluate(model, val_rows, config) if val_rows else {}
             record = {"epoch": epoch, "loss": total / seen, "train_acc": correct / seen, "val_avg_acc": val.get("avg_acc"),
                       "val_worst_group_acc": val.get("worst_group_acc"), "val_worst_group": val.get("worst_group")}
