@@ -159,8 +159,9 @@ def compose_flow(config_path: str, overrides: list[str] | None = None) -> dict:
     composed = sorted(composed, key=lambda r: r["image_id"])
     written = write_output(composed, output)
     counts = Counter((r["split"], r["category"]) for r in written)
+    quarantine = sources.quarantine + prepared_summary.get("quarantine", [])
     summary = {"output": str(output), "images": len(written), "classes": len(foreground),
-               "sources": len(sources.rows), "without_box": sources.without_box, "quarantine": sources.quarantine,
+               "sources": len(sources.rows), "without_box": sources.without_box, "quarantine": quarantine,
                "by_split_category": {f"{s}/{c}": n for (s, c), n in sorted(counts.items())},
                "backgrounds": {k: prepared_summary.get(k) for k in ("cached", "seconds", "shards_run", "rows_out")},
                "compose": {k: compose_summary.get(k) for k in ("cached", "seconds", "shards_run", "rows_out")},

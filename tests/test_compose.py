@@ -264,11 +264,20 @@ def test_cli_compose_reports_counts_and_names_a_plan_error(trees, tmp_path):
 
     from flows.cli import app
 
-    config = write_config(tmp_path, trees["voc"])
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(trees["voc"], root)
+    broken = root / "train" / "n00000002" / "n00000002_3.JPEG"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated: quarantined, the counts are still met
+    config = write_config(tmp_path, root)
     result = CliRunner().invoke(app, ["compose", str(config), "--set", "compose.counts.test=9"])
     assert result.exit_code == 2 and "needs 9 distinct source images" in result.output
     result = CliRunner().invoke(app, ["compose", str(config)])
     assert result.exit_code == 0 and "test/hard" in result.output and "320 images" in result.output
+    assert "quarantined 1 source images" in result.output
+    summary = json.loads((tmp_path / "run" / "compose.json").read_text())
+    assert [q["image_id"] for q in summary["quarantine"]] == ["n00000002_3"]
 
 
 # -- real backends through the backgrounds step, and a manifest source -------------------------------------
