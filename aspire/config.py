@@ -236,6 +236,7 @@ class RetrainConfig(Section):
         "auto", description="Groups for group-aware training and worst-group selection: labels (the dataset's "
         "group column), phrases (class x the run's top-k spurious phrase group its caption mentions, see "
         "aspire.groups), auto (labels when every row has one, else phrases).")
+    groupdro_adjustment: float = Field(0.0, ge=0, description="Group DRO: group adjustment C (q update sees loss_g + C/sqrt(n_g); paper: 0-4).")
     groupdro_balanced: bool = Field(True, description="Group DRO: sample every group equally often (the paper code's --reweight_groups).")
 
     def trainer_args(self, method: str) -> dict:
@@ -243,7 +244,8 @@ class RetrainConfig(Section):
         if method == "jtt":
             return {"identification_epochs": self.jtt_epochs, "upweight": self.jtt_upweight}
         if method == "groupdro":
-            return {"step_size": self.groupdro_step_size, "l2": self.groupdro_l2, "balanced": self.groupdro_balanced}
+            return {"step_size": self.groupdro_step_size, "l2": self.groupdro_l2, "balanced": self.groupdro_balanced,
+                    "adjustment": self.groupdro_adjustment}
         return {}
 
 

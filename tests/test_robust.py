@@ -173,6 +173,12 @@ def test_group_dro_weights_are_a_distribution_that_favours_the_worst_groups(benc
     losses = torch.nn.functional.cross_entropy(logits[:4], labels[:4], reduction="none")
     assert value.item() == pytest.approx(loss.q[0].item() * losses[:2].mean().item() + loss.q[1].item() * losses[2:].mean().item(), rel=1e-5)
 
+    # The group adjustment C / sqrt(n_g): with equal losses the smaller group gains weight.
+    adjusted = GroupDROLoss(torch.tensor([0] * 16 + [1] * 4), 2, step_size=0.5, adjustment=1.0)
+    even = torch.zeros(2, 2)
+    adjusted(even, torch.zeros(2, dtype=torch.long), torch.tensor([0, 16]))
+    assert adjusted.q[1] > adjusted.q[0]
+
     result = GroupDROTrainer(step_size=0.01).train(bench["train"], bench["val"], CONFIG, seed=0)
     weights = result.extras["q"]
     assert set(weights) == {row["group"] for row in bench["train"]}

@@ -29,10 +29,14 @@ class GroupDROLoss:
         row_groups: group index 0..G-1 of every training row, (N,) long.
         n_groups: G.
         step_size: η of the q update.
+        adjustment: C of the paper's group adjustment (Sec. 3.3): the q update sees loss_g + C / sqrt(n_g), so
+            small groups, whose training loss underestimates their test loss, weigh more (0: none).
     """
 
-    def __init__(self, row_groups: torch.Tensor, n_groups: int, step_size: float) -> None:
+    def __init__(self, row_groups: torch.Tensor, n_groups: int, step_size: float, adjustment: float = 0.0) -> None:
         self.row_groups, self.n_groups, self.step_size = row_groups, n_groups, step_size
+        sizes = torch.bincount(row_groups, minlength=n_groups).float().clamp(min=1)
+        self.bonus = adjustment / sizes.sqrt()  # (G,)
         self.q = torch.full((n_groups,), 1.0 / n_groups)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -41,7 +45,9 @@ class GroupDROLoss:
         one_hot = nn.functional.one_hot(groups, self.n_groups).float()  # (B, G)
         counts = one_hot.sum(0)
         group_losses = (one_hot * losses[:, None]).sum(0) / counts.clamp(min=1)  # (G,), 0 for absent groups
-        self.q = dro_update(self.q.to(logits.device), group_losses, self.step_size)
+        present = (counts > 0).float()  # absent groups get no adjustment either: no evidence this batch
+        adjusted = group_losses + present * self.bonus.to(logits.device)
+        self.q = dro_update(self.q.to(logits.device), adjusted, self.step_size)
         return group_losses @ self.q
 
 
@@ -57,14 +63,18 @@ class GroupDROTrainer(Trainer):
         step_size: η (the paper's 0.01).
         l2: weight decay replacing ``config.weight_decay``; ``None`` keeps the config's.
         balanced: draw every group equally often (row weight 1 / its group's size).
+        adjustment: the group adjustment C (see :class:`GroupDROLoss`).
     """
 
-    def __init__(self, step_size: float = 0.01, l2: float | None = None, balanced: bool = True) -> None:
+    def __init__(self, step_size: float = 0.01, l2: float | None = None, balanced: bool = True,
+                 adjustment: float = 0.0) -> None:
         if step_size <= 0:
             raise ValueError(f"step_size={step_size}: must be > 0")
         if l2 is not None and l2 < 0:
             raise ValueError(f"l2={l2}: must be >= 0 or None")
-        self.step_size, self.l2, self.balanced = step_size, l2, balanced
+        if adjustment < 0:
+            raise ValueError(f"adjustment={adjustment}: must be >= 0")
+        self.step_size, self.l2, self.balanced, self.adjustment = step_size, l2, balanced, adjustment
 
     def train(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> TrainResult:
         """Train with the Group DRO loss; ``extras["q"]`` maps each train group to its final weight and
@@ -81,7 +91,7 @@ class GroupDROTrainer(Trainer):
         names = sorted({row["group"] for row in train_rows}, key=lambda g: (str(type(g)), g))
         position = {g: i for i, g in enumerate(names)}
         row_groups = torch.tensor([position[row["group"]] for row in train_rows])
-        loss = GroupDROLoss(row_groups, len(names), self.step_size)
+        loss = GroupDROLoss(row_groups, len(names), self.step_size, self.adjustment)
         sizes = torch.bincount(row_groups, minlength=len(names)).double()
         weights = (1.0 / sizes[row_groups]).tolist() if self.balanced else None
         updates = {"seed": seed} if self.l2 is None else {"seed": seed, "weight_decay": self.l2}
