@@ -1,7 +1,8 @@
 """Group DRO settings on the demo run's committed rows (no Prefect): worst-group test accuracy per variant.
 
 Usage: python bench/groupdro_sweep.py configs/demo.yaml [original|augmented] [seed]
-Prints one line per variant: step size, L2, balanced sampling, groups (labels or phrases), test avg / worst.
+Prints one line per variant: step size, L2, balanced sampling, groups (labels or phrases), group adjustment,
+test avg / worst.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from flows.train import committed
 from tasks.export import with_generated_groups
 from tasks.retrain import group_rows
 
-VARIANTS = [  # (step_size, l2, balanced, groups)
-    (0.01, None, False, "labels"),
-    (0.01, None, True, "phrases"),
-    (0.1, 0.01, False, "labels"),
-    (0.1, 0.01, True, "phrases"),
-    (1.0, 0.01, False, "phrases"),
+VARIANTS = [  # (step_size, l2, balanced, groups, adjustment)
+    (0.01, None, False, "labels", 0.0),
+    (0.01, None, True, "labels", 0.0),
+    (0.01, None, True, "phrases", 0.0),
+    (0.01, None, True, "phrases", 2.0),
+    (0.01, 0.1, True, "phrases", 0.0),
+    (0.01, 1.0, True, "phrases", 0.0),
 ]
 
 
@@ -29,7 +31,7 @@ def main(config_path: str, data: str = "original", seed: int = 0) -> None:
     config = load_config(config_path)
     found = committed(config)
     store = StageStore(config.workdir, "train", "sweep")
-    for step, l2, balanced, groups in VARIANTS:
+    for step, l2, balanced, groups, adjustment in VARIANTS:
         rows, info = group_rows(store, found.datasets[data], config.retrain.model_copy(update={"groups": groups}),
                                 config.caption, found.spurious, found.captions)
         rows = with_generated_groups(rows)
@@ -37,9 +39,10 @@ def main(config_path: str, data: str = "original", seed: int = 0) -> None:
         val = [r for r in rows if r["split"] == "val"]
         test = [r for r in found.datasets[data] if r["split"] == "test" and r.get("source") != "generated"]
         start = time.time()
-        result = make_trainer("groupdro", step_size=step, l2=l2, balanced=balanced).train(train, val, config.classifier, seed)
+        result = make_trainer("groupdro", step_size=step, l2=l2, balanced=balanced,
+                                                          adjustment=adjustment).train(train, val, config.classifier, seed)
         metrics = evaluate(result.model, test, config.classifier)
-        print(f"step {step} l2 {l2} balanced {balanced} groups {groups}: test avg {metrics['avg_acc']:.3f} "
+        print(f"step {step} l2 {l2} balanced {balanced} groups {groups} adjustment {adjustment}: test avg {metrics['avg_acc']:.3f} "
               f"worst {metrics['worst_group_acc']:.3f} ({metrics['worst_group']}), best epoch {result.best_epoch}, "
               f"{time.time() - start:.0f} s", flush=True)
 
