@@ -227,8 +227,9 @@ def render_robust(robust: dict[str, Any], level: str = "#") -> list[str]:
                        f"{_mean_std(aug['avg_acc'], aug['avg_std'])}{avg_gain} |")
     groups = list(dict.fromkeys(g for l in lines for g in l.get("per_group", {})))
     if groups:
+        header = " | ".join(g.replace("|", "\\|") for g in groups)  # group names may hold "|"
         out += ["", f"{level}# Per-group test accuracy (%, mean over seeds)", "",
-                "| method | data | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+                "| method | data | " + header + " |", "|---|---|" + "---|" * len(groups)]
         out += [f"| {METHOD_NAMES.get(l['method'], l['method'])} | {l['data']} | "
                 + " | ".join(f"{100 * l['per_group'][g]:.1f}" if g in l["per_group"] else "" for g in groups) + " |"
                 for l in lines]
