@@ -144,8 +144,8 @@ def compose_flow(config_path: str, overrides: list[str] | None = None) -> dict:
         planned = plan(prepared, foreground, settings, names, variant)
         planned = sorted(({**p, "background_path": by_id[p["background_image"]]["background_path"],
                            "object_path": by_id[p["foreground_image"]]["object_path"],
-                           "foreground_path": by_id[p["foreground_image"]]["path"],
-                           "background_path_source": by_id[p["background_image"]]["path"]} for p in planned),
+                           "foreground_source_path": by_id[p["foreground_image"]]["path"],
+                           "background_source_path": by_id[p["background_image"]]["path"]} for p in planned),
                          key=lambda p: (p["foreground_image"], p["image_id"]))
         store = StageStore(config.workdir, "compose", stage_key("compose", 1, settings.model_dump(mode="json"), "",
                                                                  digest(planned)))

@@ -82,16 +82,17 @@ def run_backgrounds(rows: list[Row], out: Path, config: ComposeRunConfig) -> Sha
         except ImageError as exc:
             quarantine.append({"image_id": row["image_id"], "path": row["path"], "reason": exc.reason})
             continue
+        largest = largest_box(boxes)
         if segmenter is not None:
             masks = segmenter.segment(image, boxes)  # one (H, W) bool per box
-            core = masks[boxes.index(largest_box(boxes))]
+            core = masks[boxes.index(largest)]
         else:
             masks = [box_mask(image.size, box) for box in boxes]
             core = None
         hole = dilate(np.logical_or.reduce(masks), remove.dilate)
         folder = out / row["image_id"]
         folder.mkdir()
-        _object_crop(image, largest_box(boxes), core, canvas).save(folder / OBJECT)
+        _object_crop(image, largest, core, canvas).save(folder / OBJECT)
         images.append(image)
         holes.append(hole)
         kept.append({**row, "background_path": str(folder / BACKGROUND), "object_path": str(folder / OBJECT),
