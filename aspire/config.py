@@ -239,8 +239,11 @@ class RetrainConfig(Section):
     groupdro_adjustment: float = Field(0.0, ge=0, description="Group DRO: group adjustment C (q update sees loss_g + C/sqrt(n_g); paper: 0-4).")
     groupdro_balanced: bool = Field(True, description="Group DRO: sample every group equally often (the paper code's --reweight_groups).")
 
-    def trainer_args(self, method: str) -> dict:
-        """Keyword arguments of ``aspire.robust.make_trainer(method)`` from this section."""
+    def trainer_args(self, method: str, erm_model: str | None = None) -> dict:
+        """Keyword arguments of ``aspire.robust.make_trainer(method)`` from this section. ``erm_model``: the run's
+        classifier-stage model file, DFR's frozen backbone when ``dfr_base`` is ``classifier``."""
+        if method == "dfr" and self.dfr_base == "classifier" and erm_model is not None:
+            return {"base_model_path": erm_model}
         if method == "jtt":
             return {"identification_epochs": self.jtt_epochs, "upweight": self.jtt_upweight}
         if method == "groupdro":

@@ -76,7 +76,7 @@ def _extract(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
 def _model(stores: dict[str, StageStore]) -> dict:
     """The committed classifier's path and digest, for the stages that re-classify edits."""
     store = stores["classifier"]
-    return {"model_path": store.part_dir(classifier.MODEL_PART) / classifier.MODEL_FILE,
+    return {"model_path": classifier.model_file(store),
             "model_digest": store.read_marker(classifier.MODEL_PART)["files"][classifier.MODEL_FILE]}
 
 
@@ -171,9 +171,7 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
     if config.retrain.method != "erm":  # a robust trainer: one committed part with its val/test predictions
         rows, grouping = retrain.group_rows(store, rows, config.retrain, config.caption,
                                             _summary_of(stores, "collapse")["spurious"], stores["caption"].read_rows())
-        args = config.retrain.trainer_args(config.retrain.method)
-        if config.retrain.method == "dfr" and config.retrain.dfr_base == "classifier":  # the run's ERM backbone
-            args["base_model_path"] = str(stores["classifier"].part_dir(classifier.MODEL_PART) / classifier.MODEL_FILE)
+        args = config.retrain.trainer_args(config.retrain.method, str(classifier.model_file(stores["classifier"])))
         predicted = retrain.robust_task(store, rows, settings, config.retrain.method, args)
         summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method, "grouping": grouping,
                    "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}

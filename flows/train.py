@@ -62,7 +62,7 @@ def committed(config: RunConfig) -> Committed:
         if marker is None:
             break
         if name == "classifier":
-            found.erm_model = str(store.part_dir(classifier.MODEL_PART) / classifier.MODEL_FILE)
+            found.erm_model = str(classifier.model_file(store))
         if name == "holdout":
             found.datasets["original"] = store.read_rows()
         if name == "caption":
@@ -75,15 +75,6 @@ def committed(config: RunConfig) -> Committed:
         raise ValueError(f"{config.workdir}: the holdout stage is not committed; run `aspire run` (or "
                          "`aspire stage holdout`) first")
     return found
-
-
-def trainer_args(config: RunConfig, method: str, erm_model: str | None) -> dict:
-    """The retrain section's arguments of ``method``; DFR gets the run's ERM model as its backbone
-    (``retrain.dfr_base=classifier``), so it fits only a new head and never retrains the backbone."""
-    args = config.retrain.trainer_args(method)
-    if method == "dfr" and config.retrain.dfr_base == "classifier" and erm_model is not None:
-        args["base_model_path"] = erm_model
-    return args
 
 
 @task(name="train-method", task_run_name="train-{method}-seed{seed}-{data}", tags=["gpu"], cache_policy=NO_CACHE)
@@ -149,7 +140,7 @@ def train_flow(config_path: str, overrides: list[str] | None = None, methods: li
         for method in methods:
             for seed in seeds:
                 records.append(train_task(store, method, seed, data, rows, config.classifier,
-                                          trainer_args(config, method, found.erm_model)))
+                                          config.retrain.trainer_args(method, found.erm_model)))
                 get_run_logger().info("%s seed %d on %s: test %s", method, seed, data, records[-1]["test"]["worst_group_acc"])
     lines = summarize(records)
     robust = {"lines": lines, "grouping": grouping}

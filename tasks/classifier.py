@@ -48,6 +48,11 @@ def classifier_identity(config: ClassifierConfig) -> str:
     return f"torch {torch.__version__}, torchvision {torchvision.__version__}, weights {weights}"
 
 
+def model_file(store: StageStore) -> Path:
+    """Where the stage's trained model is committed."""
+    return store.part_dir(MODEL_PART) / MODEL_FILE
+
+
 def key_config(config: ClassifierConfig) -> dict:
     """The fields that change the trained model (device and loader workers do not)."""
     return config.model_dump(mode="json", exclude={"device", "num_workers"})
@@ -116,6 +121,6 @@ def train_task(store: StageStore, rows: list[Row], config: ClassifierConfig) -> 
 @task(name="predict-shard", task_run_name="predict-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
 def predict_shard_task(store: StageStore, index: int, rows: list[Row], model_digest: str) -> dict:
     """Predict one shard with the committed model and commit it (skipped when already committed)."""
-    model_path = store.part_dir(MODEL_PART) / MODEL_FILE
+    model_path = model_file(store)
     return store.ensure_shard(index, rows, lambda shard_rows, _: run_predict(shard_rows, model_path, model_digest),
                               salt=model_digest)
