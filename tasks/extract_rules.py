@@ -2,10 +2,15 @@
 
 A shallow version of the "traditional NLP" route of ASPIRE Appendix A.3, without a tagger (nltk's taggers
 need data that PyPI does not carry): the caption is tokenised (Treebank), cut into noun phrases at function
-words, verbs and prepositions, and each phrase is tagged by the preposition that introduced it. A phrase
-after a scene preposition (on/in/at/by/near/under ...) whose words name a scene (``prompts/background_words.txt``)
-is a background; the last one is the predominant background and earlier ones are foreground objects. The
-alternative background comes from the contrast table ``prompts/alt_backgrounds.tsv``.
+words, verbs and prepositions, and each phrase is tagged by the preposition that introduced it.
+
+The rule is structural, with no vocabulary of scenes: a phrase introduced by a place preposition
+(in/on/at/by/near/under ...) is a place, unless a possessive marks it as part of someone ("in his hand",
+"on her head"). Captions go from the specific to the general ("a cat on a couch in a living room"), so the
+last place is the predominant background and earlier places are things in it (foreground objects); every
+other noun phrase is a foreground object. "an old violin beside a ladder in the harbor" gives foreground
+``[old violin, ladder]`` and background ``harbor`` whatever the words. The alternative background comes from
+the contrast table ``prompts/alt_backgrounds.tsv`` (its ``*`` line for places it does not list).
 """
 
 from __future__ import annotations
@@ -20,17 +25,29 @@ from aspire.config import ExtractConfig
 from aspire.manifest import digest
 from tasks.extract import BatchResult, Extraction, ExtractItem, prompt_file
 
-SCENE_PREPOSITIONS = {"in", "on", "at", "by", "near", "under", "underneath", "beneath", "inside", "outside",
-                      "over", "across", "along", "against", "through", "atop", "among", "around", "above"}
+PLACE_PREPOSITIONS = {"in", "on", "at", "under", "underneath", "beneath", "inside", "outside", "over", "across",
+                      "along", "against", "through", "atop", "among", "around", "above", "down"}
+"""Prepositions of containment or surface: the phrase after one is where the scene is."""
+NEAR_PREPOSITIONS = {"by", "near"}
+"""Prepositions of proximity: a place only when the caption names no other place ("a man next to a river"),
+else a thing beside the subject ("a cow on the grass near a fence")."""
+SCENE_PREPOSITIONS = PLACE_PREPOSITIONS | NEAR_PREPOSITIONS
+RELATIONAL = {"side", "middle", "edge", "top", "front", "back", "background", "foreground", "distance", "corner",
+              "center", "centre", "bottom", "rest"}
+"""Nouns of position: "the side of the road" is the road; "in the background" alone is no place."""
 OBJECT_PREPOSITIONS = {"with", "beside", "behind", "holding", "carrying", "and", "or", "of", "to", "from", "for",
                        "into", "onto", "toward", "towards", "while", "as", "like", "without", "between"}
-MULTIWORD = {("next", "to"): "beside", ("in", "front", "of"): "beside", ("on", "top", "of"): "on",
-             ("close", "to"): "beside", ("in", "the", "middle", "of"): "in"}
+MULTIWORD = {("next", "to"): "near", ("in", "front", "of"): "beside", ("on", "top", "of"): "on",
+             ("close", "to"): "near", ("in", "the", "middle", "of"): "in"}
 DETERMINERS = {"a", "an", "the", "some", "this", "that", "these", "those", "his", "her", "their", "its", "my",
                "our", "your", "another", "other", "each", "every"}
+POSSESSIVES = {"his", "her", "their", "its", "my", "our", "your"}
+"""A place phrase with a possessive ("in his hand") names part of someone, not the scene."""
+PART_OF = "part-of"
+"""The tag of a place phrase a possessive turned into a thing."""
 VERBS = {"is", "are", "was", "were", "be", "been", "being", "has", "have", "had", "sits", "stands", "lies",
          "looks", "walks", "runs", "flies", "swims", "rides", "plays", "holds", "can", "there", "who", "which",
-         "that", "what", "it", "they", "he", "she", "very", "up", "down", "out", "off", "together"}
+         "that", "what", "it", "they", "he", "she", "very", "up", "out", "off", "together"}
 ING_NOUNS = {"building", "ceiling", "painting", "clothing", "ring", "wing", "swing", "thing", "morning", "evening",
              "string", "railing", "awning", "spring", "king", "sibling", "pudding", "stuffing", "icing", "wedding",
              "landing", "clearing", "parking", "sing", "bring"}
@@ -52,9 +69,8 @@ def _is_verb(word: str) -> bool:
 
 
 def rules_identity(config: ExtractConfig) -> str:
-    """The rules version and the digest of the word lists they read."""
-    words = prompt_file("background_words.txt").read_text()
-    return f"rules:v1:{digest([words, prompt_file(config.alternatives).read_text()])}"
+    """The rules version and the digest of the contrast table they read."""
+    return f"rules:v2:{digest(prompt_file(config.alternatives).read_text())}"
 
 
 def _is_participle(word: str) -> bool:
@@ -66,9 +82,7 @@ class RulesExtractor:
     """Noun phrases as foreground, the scene phrase as background, an alternative from a contrast table."""
 
     def __init__(self, config: ExtractConfig) -> None:
-        words_file = prompt_file("background_words.txt")
         alt_file = prompt_file(config.alternatives)
-        self.scene_stems = {_stemmer.stem(w) for w in _read_list(words_file)}
         self.alternatives: list[tuple[str, str]] = []
         for line in _read_list(alt_file):
             head, _, alt = line.partition("\t")
@@ -94,6 +108,10 @@ class RulesExtractor:
                     current.append(word)
                     i += 1
                     continue
+                if word == "of" and current and all(w in RELATIONAL for w in current):  # "the side of the road"
+                    current = []
+                    i += 1
+                    continue
                 if current:
                     out.append((preposition, current))
                     current = []
@@ -102,6 +120,8 @@ class RulesExtractor:
                     continue
                 if word in SCENE_PREPOSITIONS or word in OBJECT_PREPOSITIONS:
                     preposition = word
+            elif word in POSSESSIVES and not current and preposition in SCENE_PREPOSITIONS:
+                preposition = PART_OF  # "in his hand": a thing, not a place
             elif word not in DETERMINERS:
                 current.append(word)
             i += 1
@@ -111,23 +131,20 @@ class RulesExtractor:
 
     # 2. chunks -> foreground / background / alt
     def extract_one(self, caption: str) -> Extraction:
-        foreground: list[str] = []
-        scenes: list[str] = []
+        phrases: list[tuple[str, str]] = []  # (kind: place | near | thing, phrase) in caption order
         for preposition, words in self.chunks(caption):
             while words and _is_participle(words[-1]):  # "a car parked" -> "car"
                 words = words[:-1]
             phrase = " ".join(words).replace(" 's", "'s")
-            if not phrase:
+            if not phrase or all(w in RELATIONAL for w in words):  # "in the background" names no place
                 continue
-            is_scene = preposition in SCENE_PREPOSITIONS and any(_stemmer.stem(w) in self.scene_stems for w in words)
-            if is_scene:
-                scenes.append(phrase)
-            elif phrase not in foreground:
-                foreground.append(phrase)
-        # captions go from the specific to the general ("on a bed in a bedroom"): the last scene phrase is
-        # the predominant background, earlier ones are things in it
-        background = scenes[-1] if scenes else ""
-        foreground += [p for p in scenes[:-1] if p not in foreground]
+            kind = "place" if preposition in PLACE_PREPOSITIONS else "near" if preposition in NEAR_PREPOSITIONS else "thing"
+            phrases.append((kind, phrase))
+        # captions go from the specific to the general ("on a bed in a bedroom"): the last place is the
+        # predominant background, earlier ones are things in it; a "near" phrase is the place only without one
+        places = [p for kind, p in phrases if kind == "place"] or [p for kind, p in phrases if kind == "near"]
+        background = places[-1] if places else ""
+        foreground = list(dict.fromkeys(p for _, p in phrases if p != background))
         return Extraction(foreground=foreground, background=background, alt=self.alternative(background))
 
     def alternative(self, background: str) -> str:

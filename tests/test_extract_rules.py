@@ -83,3 +83,18 @@ def test_quality_on_labelled_captions(rules):
     scores = phrase_scores([i["foreground"] for i in items], predicted)
     # measured 2026-11-24 (BENCHMARKS.md); a floor below it guards against regressions
     assert scores["precision"] >= 0.6 and scores["recall"] >= 0.6 and backgrounds / len(items) >= 0.75
+
+
+@pytest.mark.parametrize("caption, foreground, background", [
+    ("an old violin beside a ladder in the harbor", ["old violin", "ladder"], "harbor"),
+    ("two glimbers with a rusty quandle on a frosk meadow", ["two glimbers", "rusty quandle"], "frosk meadow"),
+    ("a photo of a vorp next to a teal zindle at the brungwick", ["vorp", "teal zindle"], "brungwick"),
+    ("a plimm holding a trellet in his hand near the ostrow", ["plimm", "trellet", "hand"], "ostrow"),
+    ("three yarrows on a blanket under a pergola", ["three yarrows", "blanket"], "pergola"),
+])
+def test_structure_not_vocabulary_decides_the_background(rules, caption, foreground, background):
+    """Made-up words (in no file of the project): the place phrase after in/on/at/by/near/under is the
+    background, every other noun phrase a foreground object, and a possessive place ("in his hand") is a thing."""
+    result = rules.extract_one(caption)
+    assert result.foreground == foreground and result.background == background
+    assert result.alt  # the contrast table's fallback when it does not know the place
