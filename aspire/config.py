@@ -168,6 +168,12 @@ class CollapseConfig(Section):
         None, gt=0, le=1, description="Cosine similarity to merge; default per embedder (bow 0.5, minilm 0.65, glove 0.9, see BENCHMARKS.md)."
     )
     top_k: int = Field(3, ge=1, description="Groups kept per class (ASPIRE: k=3).")
+    min_flips: int = Field(
+        5, ge=1, description="A top-k group counts as a spurious feature only when at least this many of its edits "
+        "flipped the prediction ...")
+    min_flip_rate: float = Field(
+        0.05, ge=0, le=1, description="... and at least this fraction of its edits did; a class with no such group "
+        "reports 'no spurious feature found' and gets no generated images.")
 
 
 class PersonalizeConfig(Section):
@@ -213,6 +219,13 @@ class GenerateConfig(Section):
     clip_filter: bool = Field(False, description="Drop generations that still match a top-k spurious phrase (CLIP).")
     clip_model: str = Field("openai/clip-vit-base-patch32", description="clip_filter: CLIP hub id or local folder.")
     clip_threshold: float = Field(0.25, description="clip_filter: cosine similarity to a spurious phrase above which an image is dropped.")
+    learn_from: Literal["kept-edits", "held-out"] = Field(
+        "kept-edits", description="composite: the images the generator imitates (as textual inversion learns from "
+        "them): kept-edits, the prediction-flipping edits of the class's spurious groups (ASPIRE); held-out, the "
+        "class's held-out originals, a control (augmentation without discovery: it avoids nothing).")
+    context_prior: float = Field(
+        0.5, ge=0, le=1, description="composite: probability that a generated image's scene is a uniformly drawn "
+        "background.bank image (the generator's prior, the same for every class) instead of its exemplar's own scene.")
     image_size: int | None = Field(None, ge=16, description="composite: output size (default: the size of the source images).")
     object_scale: tuple[float, float] = Field((0.8, 1.2), description="composite: the core object is rescaled by a factor in this range.")
     seed: int = Field(0, description="Seed; every generated image records its own seed.")
@@ -225,6 +238,7 @@ class RetrainConfig(Section):
     method: Literal["erm", "jtt", "dfr", "groupdro"] = Field(
         "erm", description="Training method: erm, or a robust trainer of aspire.robust (jtt, dfr, groupdro).")
     epochs: int | None = Field(None, ge=1, description="Epochs (default: classifier.epochs).")
+    seed: int | None = Field(None, description="Seed of weight init and data order (default: classifier.seed).")
     jtt_epochs: int = Field(1, ge=1, description="JTT: T, epochs of the identification model (JTT paper: 1-60).")
     jtt_upweight: int = Field(20, ge=1, description="JTT: lambda_up, copies of each error-set row (JTT paper: 20-100).")
     groupdro_step_size: float = Field(0.01, gt=0, description="Group DRO: step size of the group weights (paper: 0.01).")

@@ -43,6 +43,9 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
     after = summaries.get("retrain", {}).get("after", {})
     return {
+        "worse_groups": worse_groups(before.get("test"), after.get("test")),
+        "no_spurious_found": collapse.get("no_spurious_found"),
+        "spurious_rule": collapse.get("rule"),
         "stages": {name: {k: s.get(k) for k in STAGE_FIELDS} for name, s in summaries.items()},
         "counts": counts,
         "spurious": collapse.get("spurious"),
@@ -58,6 +61,19 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+WORSE_BY = 0.05
+"""A test group whose accuracy drops by more than this after augmentation is reported: generation may have
+opened a new shortcut."""
+
+
+def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, list[float]]:
+    """Test groups whose accuracy fell by more than :data:`WORSE_BY`: ``{group: [before, after]}``."""
+    if not before or not after:
+        return {}
+    return {g: [a, after["per_group"][g]] for g, a in before["per_group"].items()
+            if g in after["per_group"] and after["per_group"][g] < a - WORSE_BY}
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -65,18 +81,23 @@ def _pct(x: float | None) -> str:
 def _spurious_section(report: dict[str, Any]) -> list[str]:
     lines = ["", "## Spurious features found (top-k groups of phrases whose edits flipped the prediction)", ""]
     planted = report.get("planted_found") or {}
+    if report.get("spurious_rule"):
+        lines += [f"Rule: {report['spurious_rule']}; the others are listed but not claimed.", ""]
+    head = "| class | rank | edits flipped / tried | flip rate | spurious feature | phrases |"
     if planted:
-        lines += ["| class | rank | edits flipped | phrases | planted object found | planted background found |",
-                  "|---|---|---|---|---|---|"]
+        lines += [head + " planted object found | planted background found |", "|---|---|---|---|---|---|---|---|"]
     else:
-        lines += ["| class | rank | edits flipped | phrases |", "|---|---|---|---|"]
+        lines += [head, "|---|---|---|---|---|---|"]
     for name, groups in (report.get("top_k") or {}).items():
         for rank, group in enumerate(groups, 1):
-            cells = [name, str(rank), str(group["count"]), ", ".join(group["phrases"])]
+            cells = [name, str(rank), f"{group['count']} / {group.get('tried', '?')}", _pct(group.get("flip_rate")),
+                     "yes" if group.get("confident", True) else "no", ", ".join(group["phrases"])]
             if planted:
                 found = planted.get(name, {})
                 cells += ([str(found.get("object")), str(found.get("background"))] if rank == 1 else ["", ""])
             lines.append("| " + " | ".join(cells) + " |")
+    for name in report.get("no_spurious_found") or []:
+        lines.append(f"\n**{name}: no spurious feature found** (no group passes the rule).")
     lines += ["", "Flipped / tried edits per phrase (most flips first):", ""]
     for name, phrases in (report.get("flipped") or {}).items():
         shown = ", ".join(f"{p} {n.get('kept', 0)}/{n.get('tried', 0)}" for p, n in list(phrases.items())[:8])
@@ -103,6 +124,9 @@ def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str 
                          f"{_pct(after['worst_group_acc'])} ({after['worst_group']}) |")
         lines += ["", "| group | before | after |", "|---|---|---|"]
         lines += [f"| {g} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
+        worse = report.get("worse_groups") or {}
+        lines += ["", f"Groups more than {WORSE_BY:.0%} worse after augmentation (a new shortcut?): "
+                  + (", ".join(f"{g} {_pct(b)} -> {_pct(a)}" for g, (b, a) in worse.items()) or "none")]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("top_k") is not None:

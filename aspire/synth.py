@@ -176,7 +176,15 @@ class SynthConfig(_Spec):
     )
     object_strength: float = Field(
         0.95, ge=0.0, le=1.0,
-        description="Train: probability that an image contains its class's planted object (otherwise none).",
+        description="Train: probability that an image contains its class's planted object (otherwise none, or "
+        "another class's object, see other_object_rate).",
+    )
+    other_object_rate: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Train: probability that an image without its class's planted object shows another class's "
+        "planted object instead (chosen uniformly). With background_strength = 1/n_backgrounds, object_strength = "
+        "1/n_classes and other_object_rate = 1, backgrounds and objects are independent of the class: no spurious "
+        "correlation (the negative control).",
     )
     train_per_class: int = Field(400, ge=1, description="Train images per class.")
     val_per_group: int = Field(10, ge=1, description="Val images per class x background x object-presence group.")
@@ -407,16 +415,17 @@ def draw_image(
     config: SynthConfig,
     label: int,
     background: str,
-    has_object: bool,
+    object_name: str | None,
 ) -> tuple[Image.Image, list[dict[str, object]]]:
-    """Draw one image: the background texture, maybe the planted object, then the core shape on top.
+    """Draw one image: the background texture, maybe an object, then the core shape on top.
 
     Args:
         rng: the image's generator (see :func:`image_rng`).
         config: the benchmark config.
         label: class index.
         background: background name.
-        has_object: whether to draw the class's planted object.
+        object_name: the object to draw beside the core shape (the class's planted one, or another class's in
+            train with ``other_object_rate``), or None.
 
     Returns:
         The RGB image and its boxes: ``{"phrase": class name, "box": [...]}`` first, then the object's.
@@ -424,7 +433,7 @@ def draw_image(
     size = config.image_size
     spec = config.classes[label]
     background_spec = next(b for b in config.backgrounds if b.name == background)
-    object_spec = next(o for o in config.objects if o.name == spec.object)
+    object_spec = next((o for o in config.objects if o.name == object_name), None)
 
     # 1. Background texture.
     image = Image.fromarray(draw_texture(rng, background_spec, size), mode="RGB")
@@ -440,7 +449,7 @@ def draw_image(
     boxes: list[dict[str, object]] = [{"phrase": spec.name, "box": core_box}]
 
     # 3. Planted object: the candidate position overlapping the core shape least, drawn first (underneath).
-    if has_object:
+    if object_spec is not None:
         radius = size * rng.uniform(*OBJECT_SIZE_RANGE) / 2
         angle = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)
         color = _jitter_color(rng, object_spec.color, COLOR_JITTER)
@@ -464,14 +473,15 @@ def draw_image(
     return image, boxes
 
 
-def make_caption(rng: np.random.Generator, config: SynthConfig, label: int, background: str, has_object: bool) -> str:
+def make_caption(rng: np.random.Generator, config: SynthConfig, label: int, background: str,
+                 object_name: str | None) -> str:
     """A captioner-like sentence: class wording, then object wording (if present), then background wording."""
     spec = config.classes[label]
     background_spec = next(b for b in config.backgrounds if b.name == background)
-    object_spec = next(o for o in config.objects if o.name == spec.object)
+    object_spec = next((o for o in config.objects if o.name == object_name), None)
     cls = spec.words[int(rng.integers(len(spec.words)))]
     bg = background_spec.words[int(rng.integers(len(background_spec.words)))]
-    if has_object:
+    if object_spec is not None:
         obj = object_spec.words[int(rng.integers(len(object_spec.words)))]
         template = CAPTIONS_WITH_OBJECT[int(rng.integers(len(CAPTIONS_WITH_OBJECT)))]
         return template.format(cls=cls, obj=obj, bg=bg)
@@ -484,18 +494,19 @@ def make_caption(rng: np.random.Generator, config: SynthConfig, label: int, back
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _plan(config: SynthConfig, seed: int) -> list[tuple[str, int, int, str, bool]]:
-    """Every image to draw as ``(split, index, label, background, has_object)``.
+def _plan(config: SynthConfig, seed: int) -> list[tuple[str, int, int, str, str | None]]:
+    """Every image to draw as ``(split, index, label, background, object name or None)``.
 
     Train: ``train_per_class`` per class; the background and object presence are drawn from the image's
     own planning generator, so they do not depend on the drawing order. Val/test: every group
     in the fixed enumeration, ``val_per_group`` / ``test_per_group`` times.
     """
-    plan: list[tuple[str, int, int, str, bool]] = []
+    plan: list[tuple[str, int, int, str, str | None]] = []
     background_names = [b.name for b in config.backgrounds]
 
     # 1. Train: planted background with probability background_strength, else a uniform other one;
-    #    planted object with probability object_strength, independently.
+    #    planted object with probability object_strength, independently (else, with other_object_rate, another
+    #    class's planted object).
     for label, spec in enumerate(config.classes):
         others = [name for name in background_names if name != spec.background]
         for k in range(config.train_per_class):
@@ -503,8 +514,12 @@ def _plan(config: SynthConfig, seed: int) -> list[tuple[str, int, int, str, bool
             rng = image_rng(seed, "train", index, STREAM_PLAN)
             on_planted = rng.random() < config.background_strength
             background = spec.background if on_planted else others[int(rng.integers(len(others)))]
-            has_object = bool(rng.random() < config.object_strength)
-            plan.append(("train", index, label, background, has_object))
+            object_name = spec.object if rng.random() < config.object_strength else None
+            others_objects = [c.object for c in config.classes if c.object != spec.object]
+            if object_name is None and config.other_object_rate > 0 and others_objects \
+                    and rng.random() < config.other_object_rate:
+                object_name = others_objects[int(rng.integers(len(others_objects)))]
+            plan.append(("train", index, label, background, object_name))
 
     # 2. Val/test: balanced over class x background x {without, with} the class's planted object.
     for split, per_group in (("val", config.val_per_group), ("test", config.test_per_group)):
@@ -513,7 +528,8 @@ def _plan(config: SynthConfig, seed: int) -> list[tuple[str, int, int, str, bool
             for background in background_names:
                 for has_object in (False, True):
                     for _ in range(per_group):
-                        plan.append((split, index, label, background, has_object))
+                        plan.append((split, index, label, background,
+                                     config.classes[label].object if has_object else None))
                         index += 1
     return plan
 
@@ -579,11 +595,12 @@ def draw_benchmark(config: SynthConfig, out: Path, seed: int | None = None) -> l
 
     # 2. Draw every image from its own generator.
     rows: list[Row] = []
-    for split, index, label, background, has_object in tqdm(plan, desc="synth", unit="img", disable=None):
+    for split, index, label, background, object_name in tqdm(plan, desc="synth", unit="img", disable=None):
         spec = config.classes[label]
+        has_object = object_name == spec.object
         rng = image_rng(seed, split, index, STREAM_DRAW)
-        image, boxes = draw_image(rng, config, label, background, has_object)
-        caption = make_caption(rng, config, label, background, has_object)
+        image, boxes = draw_image(rng, config, label, background, object_name)
+        caption = make_caption(rng, config, label, background, object_name)
         image_id = f"synth-{split}-{index:06d}"
         path = out / split / spec.name / f"{image_id}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -598,7 +615,7 @@ def draw_benchmark(config: SynthConfig, out: Path, seed: int | None = None) -> l
                 "group": group_index(config, label, background, has_object),
                 "group_name": group_name(config, label, background, has_object),
                 "caption": caption,
-                "objects": [spec.object] if has_object else [],
+                "objects": [object_name] if object_name else [],
                 "boxes": boxes,
                 "scene": background,
                 "has_object": has_object,
@@ -616,10 +633,9 @@ def draw_benchmark(config: SynthConfig, out: Path, seed: int | None = None) -> l
 
 
 def draw_background_bank(config: SynthConfig, out: Path, per_name: int = 6, seed: int | None = None) -> list[Path]:
-    """Background-only images for the ``composite`` background editor: ``<out>/<name>/<i>.png``.
-
-    One folder per background name and per caption wording of it without its preposition ("snow", "snowy
-    field", "desert", "sandy beach", ...), so the alternatives an extractor proposes find their images.
+    """Background-only images for the ``composite`` background editor: ``<out>/<name>/<i>.png``, one folder per
+    background name (the editor falls back on a background that looks unlike the image's own when the bank has no
+    folder named like the proposed alternative).
 
     Returns:
         The folders written.
@@ -628,15 +644,12 @@ def draw_background_bank(config: SynthConfig, out: Path, per_name: int = 6, seed
     seed = config.seed if seed is None else seed
     folders = []
     for b, spec in enumerate(config.backgrounds):
-        names = {spec.name} | {" ".join(w.split()[1:]).removeprefix("the ").removeprefix("a ").removeprefix("an ")
-                               for w in spec.words if len(w.split()) > 1}
-        for name in sorted(names):
-            folder = out / name.replace(" ", "_")
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(per_name):
-                rng = image_rng(seed, "train", b * 1000 + i, stream=STREAM_BANK)
-                Image.fromarray(draw_texture(rng, spec, config.image_size)).save(folder / f"{i:03d}.png")
-            folders.append(folder)
+        folder = out / spec.name.replace(" ", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_name):
+            rng = image_rng(seed, "train", b * 1000 + i, stream=STREAM_BANK)
+            Image.fromarray(draw_texture(rng, spec, config.image_size)).save(folder / f"{i:03d}.png")
+        folders.append(folder)
     return folders
 
 

@@ -76,10 +76,12 @@ def personalize_spec(config: RunConfig) -> tuple[int, Any, str]:
 def generate_identity(config: RunConfig) -> str:
     if config.generate.backend == "composite":
         from tasks.grounders import grounder_identity
+        from tasks.inpainters import inpainter_identity
         from tasks.segmenters import segmenter_identity
 
-        return f"composite: {background.BackgroundBank(config.background.bank).identity} | " \
-               f"{grounder_identity(config.remove)} | {segmenter_identity(config.remove)}"
+        bank = background.BackgroundBank(config.background.bank).identity if config.generate.context_prior > 0 else "no bank"
+        return f"composite: {grounder_identity(config.remove)} | {segmenter_identity(config.remove)} | " \
+               f"{inpainter_identity(config.remove)} | {bank}"
     from tasks.generate_sd import clip_identity, generator_identity
 
     clip = clip_identity(config.generate) if config.generate.clip_filter else "no clip filter"

@@ -146,11 +146,16 @@ def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], sto
     jobs = generate.plan_jobs(counts, labels, config.generate.seed)
     spurious = _summary_of(stores, "collapse")["spurious"]
     tokens = {c: t[:2] for c, t in _summary_of(stores, "personalize")["tokens"].items()}
-    sources = {c: r[:64] for c, r in generate.core_sources(rows).items()}
+    exemplars, skipped = {}, {}
+    if config.generate.backend == "composite":  # a class with nothing to imitate gets no images, and says why
+        exemplars = generate.generator_exemplars(rows, config.generate.learn_from)
+        skipped = {c: "no spurious feature found: no kept edits to learn from" for c in counts if c not in exemplars}
+        jobs = [j for j in jobs if j["class_name"] in exemplars]
     made, quarantine, info = run_shards(runner, store, jobs, generate.generate_shard_task, config.runner.shard_size,
-                                        config=config.generate, remove=config.remove, background=config.background,
-                                        model=config.personalize.model, tokens=tokens, spurious=spurious, sources=sources)
-    summary = {**info, "planned": counts, "generated": len(made), "failures": len(quarantine)}
+                                        config=config.generate, remove=config.remove, model=config.personalize.model,
+                                        tokens=tokens, spurious=spurious, exemplars=exemplars, bank=config.background.bank)
+    summary = {**info, "planned": counts, "skipped": skipped, "generated": len(made), "failures": len(quarantine),
+               "exemplars": {c: len(e) for c, e in exemplars.items()}}
     return rows + made, summary, info["parts"]
 
 

@@ -5,7 +5,9 @@ ASPIRE Sec. 2(4.b) and A.6 (https://arxiv.org/abs/2308.10103). Backends: ``instr
 (:mod:`tasks.instruct_pix2pix`, "turn the background from {background} to {alt}") and ``composite`` (this
 module: the image's foreground, found by the remove stage's grounder and segmenter, pasted on an image of
 the alternative background from a bank with one folder per background name; when the bank has no images of
-the proposed alternative, a bank background unlike the original one is used and recorded as ``alt_used``).
+the proposed alternative, a bank background that *looks* unlike the image's own background (colour statistics
+of the pixels around the foreground, not names, which need not share a word) is used and recorded as
+``alt_used``).
 
 Output: the input rows unchanged plus one attempt row per held-out image (``source="edit-background"``,
 ``phrase`` = the original background, ``alt``), with the same keep rule and fields as the remove stage.
@@ -34,7 +36,7 @@ from tasks.vision import BackgroundEditor, Grounder, Segmenter, dilate
 log = logging.getLogger(__name__)
 
 STAGE = "background"
-VERSION = 1
+VERSION = 2
 EDIT_SOURCE = "edit-background"
 
 
@@ -48,6 +50,7 @@ class BackgroundBank:
         self.folders = {normalize_phrase(p.name.replace("_", " ")): p for p in sorted(self.root.iterdir()) if p.is_dir()}
         names = list(self.folders)
         self._vectors = BowEmbedder().embed(names) if names else None
+        self._folder_stats: dict[str, np.ndarray] = {}
         self.identity = f"bank:{self.root.name}:" + digest(sorted(
             (str(f.relative_to(self.root)), f.stat().st_size) for f in self.root.rglob("*") if f.is_file()))
 
@@ -70,12 +73,30 @@ class BackgroundBank:
         files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if folder else []
         return files[int(digest(key), 16) % len(files)] if files else None
 
-    def unlike(self, name: str, key: str) -> str | None:
-        """A bank background not similar to ``name`` (bag of stems < 0.5), chosen deterministically for ``key``."""
+    def _stats(self, name: str) -> np.ndarray:
+        """Mean and standard deviation of each colour channel over the folder's images (6 numbers, 0-255)."""
+        if name not in self._folder_stats:
+            files = sorted(f for f in self.folders[name].iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+            pixels = np.concatenate([np.asarray(load_rgb(f).resize((32, 32)), dtype=np.float32).reshape(-1, 3)
+                                     for f in files[:8]]) if files else np.zeros((1, 3), np.float32)
+            self._folder_stats[name] = np.concatenate([pixels.mean(0), pixels.std(0)])
+        return self._folder_stats[name]
+
+    def unlike(self, pixels: np.ndarray, key: str) -> str | None:
+        """A bank background that looks unlike ``pixels`` ((N, 3) RGB of the image's own background).
+
+        The folders are ranked by the distance of their colour statistics to the pixels'; those within a quarter
+        of the range from the nearest (the same kind of scene) are excluded, and one of the rest is chosen
+        deterministically for ``key``."""
         names = list(self.folders)
-        vectors = BowEmbedder().embed(names + [normalize_phrase(name)])
-        others = [n for n, score in zip(names, vectors[:-1] @ vectors[-1]) if score < 0.5 - 1e-6]
-        return others[int(digest([key, name]), 16) % len(others)] if others else None
+        if not names:
+            return None
+        pixels = pixels.astype(np.float32).reshape(-1, 3)
+        own = np.concatenate([pixels.mean(0), pixels.std(0)])
+        distance = np.array([np.linalg.norm(self._stats(n) - own) for n in names])
+        cut = distance.min() + 0.25 * (distance.max() - distance.min())
+        others = [n for n, d in zip(names, distance) if d > cut]
+        return others[int(digest(key), 16) % len(others)] if others else None
 
 
 class CompositeEditor:
@@ -87,10 +108,6 @@ class CompositeEditor:
         self.identity = f"composite:{self.bank.identity}:{grounder.identity}:{segmenter.identity}"
 
     def edit_one(self, image: Image.Image, background: str, alt: str, row: Row) -> Image.Image | str:
-        used = alt if self.bank.folder(alt) is not None else self.bank.unlike(background, row["image_id"])
-        backdrop_path = self.bank.pick(used, row["image_id"]) if used else None
-        if backdrop_path is None:
-            return f"no bank images for {alt!r} nor for any background unlike {background!r}"
         phrases = [row["class_name"].replace("_", " "), *(row.get("foreground") or [])]
         detections = self.grounder.ground(image, phrases, row)
         if not detections:
@@ -99,8 +116,14 @@ class CompositeEditor:
         for m in self.segmenter.segment(image, [d.box for d in detections]):
             mask |= m
         mask = dilate(mask, self.dilate)  # keep a thin rim of the original around the pasted foreground
+        pixels = np.asarray(image)
+        around = pixels[~mask] if (~mask).any() else pixels.reshape(-1, 3)
+        used = alt if self.bank.folder(alt) is not None else self.bank.unlike(around, row["image_id"])
+        backdrop_path = self.bank.pick(used, row["image_id"]) if used else None
+        if backdrop_path is None:
+            return f"no bank images for {alt!r} nor for any background unlike the image's"
         backdrop = load_rgb(backdrop_path).resize(image.size, Image.BILINEAR)
-        edited = Image.fromarray(np.where(mask[..., None], np.asarray(image), np.asarray(backdrop)))
+        edited = Image.fromarray(np.where(mask[..., None], pixels, np.asarray(backdrop)))
         edited.info["alt_used"] = used  # the bank may lack the proposed alternative: say which one was pasted
         return edited
 

@@ -4,7 +4,12 @@ the k most frequent groups per class as the class's spurious features.
 ASPIRE Sec. 2 "Top-k selection" and Table 4 (https://arxiv.org/abs/2308.10103); the grouping itself is
 :func:`aspire.phrases.collapse_phrases`. Kept edits of the top-k groups are what personalization trains on.
 
-Columns added: ``spurious_group`` (0..k-1 on kept edits of a top-k group, else None).
+A top-k group counts as a spurious feature only when enough of its edits flipped the prediction, in number
+(``collapse.min_flips``) and in rate (``collapse.min_flip_rate``): a classifier that leans on nothing still
+flips a few edits, and those must not be reported as features. Classes with no such group are listed in
+``no_spurious_found``.
+
+Columns added: ``spurious_group`` (0..k-1 on kept edits of a confident top-k group, else None).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from aspire.phrases import DEFAULT_THRESHOLDS, Embedder, make_embedder, top_k
 from tasks.remove import is_edit
 
 STAGE = "collapse"
-VERSION = 1
+VERSION = 2
 
 
 def threshold_of(config: CollapseConfig) -> float:
@@ -48,10 +53,21 @@ def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) ->
     """
     kept = [r for r in rows if is_edit(r) and r.get("kept") and r.get("phrase")]
     table = top_k([(r["class_name"], r["phrase"]) for r in kept], embedder, threshold_of(config), config.top_k)
-    group_of = {(c, p): i for c, groups in table.items() for i, g in enumerate(groups) for p in g["phrases"]}
+    flipped = flip_counts(rows)
+    for class_name, groups in table.items():
+        for group in groups:
+            group["tried"] = sum(flipped.get(class_name, {}).get(p, {}).get("tried", 0) for p in group["phrases"])
+            group["flip_rate"] = round(group["count"] / group["tried"], 4) if group["tried"] else 0.0
+            group["confident"] = group["count"] >= config.min_flips and group["flip_rate"] >= config.min_flip_rate
+    spurious = {c: [g["phrases"] for g in groups if g["confident"]] for c, groups in table.items()}
+    group_of = {(c, p): i for c, groups in spurious.items() for i, g in enumerate(groups) for p in g}
     out = [{**r, "spurious_group": group_of.get((r["class_name"], r.get("phrase"))) if is_edit(r) and r.get("kept")
             else None} for r in rows]
+    classes = sorted({r["class_name"] for r in rows if not is_edit(r)})
     summary = {"rows_in": len(rows), "failures": 0, "edits_kept": len(kept),
-               "spurious": {c: [g["phrases"] for g in groups] for c, groups in table.items()},
-               "top_k": table, "flipped": flip_counts(rows)}
+               "spurious": {c: groups for c, groups in spurious.items() if groups},
+               "no_spurious_found": [c for c in classes if not spurious.get(c)],
+               "rule": f"a top-{config.top_k} group is a spurious feature when >= {config.min_flips} of its edits "
+                       f"flipped the prediction and >= {config.min_flip_rate:.0%} of them did",
+               "top_k": table, "flipped": flipped}
     return out, summary

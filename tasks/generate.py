@@ -5,9 +5,9 @@ ASPIRE Sec. 2(5) and App. A.4 (https://arxiv.org/abs/2308.10103). Backends:
 - ``textual-inversion`` (:mod:`tasks.generate_sd`): Stable Diffusion with the class's learned token from the
   ``personalize`` stage, prompt "a photo of a {token}", one seed per image, safety checker and an optional
   CLIP filter that drops generations still showing a top-k spurious phrase.
-- ``composite`` (this module, CPU): the class's core object, cut out of its held-out images (grounded by the
-  class name and segmented, as in the remove stage), rescaled and placed at a random position on a bank
-  background that is none of the class's spurious groups.
+- ``composite`` (this module, CPU): imitates what textual inversion learns from the kept edits: the class's core
+  object and the exemplars' other foreground, without the spurious phrases, at a random place and scale on an
+  exemplar's scene or a bank background (:class:`CompositeGenerator`).
 
 Work is planned as one job row per image to generate (``gen::<class>::<i>`` with its seed), sharded like any
 stage. Generated rows: ``source="generated"``, ``generator``, ``seed``, ``spurious_avoided``, ``split="train"``.
@@ -25,17 +25,18 @@ from prefect.cache_policies import NO_CACHE
 
 from aspire.cache import ShardResult, StageStore
 from aspire.compose import paste
-from aspire.config import BackgroundConfig, GenerateConfig, RemoveConfig
+from aspire.config import GenerateConfig, RemoveConfig
+from aspire.images import load_rgb
 from aspire.manifest import Row, digest
-from aspire.phrases import BowEmbedder
-from tasks.background import BackgroundBank
+from aspire.phrases import BowEmbedder, normalize_phrase
+from aspire.readers import IMAGE_EXTENSIONS
 from tasks.remove import is_edit, load_for_editing
-from tasks.vision import Grounder, Segmenter
+from tasks.vision import Grounder, Inpainter, Segmenter, dilate
 
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
-VERSION = 1
+VERSION = 2
 
 
 def images_per_class(all_rows: list[Row], config: GenerateConfig) -> dict[str, int]:
@@ -67,82 +68,146 @@ def plan_jobs(counts: dict[str, int], labels: dict[str, int], seed: int) -> list
              "seed": int(digest([seed, name, i]), 16) % (2**31)} for name in sorted(counts) for i in range(counts[name])]
 
 
-def _allowed(bank: BackgroundBank, spurious: list[list[str]]) -> list[Path]:
-    """Bank folders that name none of the spurious phrases (bag-of-stems similarity < 0.5 to every one)."""
-    phrases = [p for group in spurious for p in group]
-    names = list(bank.folders)
-    if not phrases:
-        return [bank.folders[n] for n in names]
-    vectors = BowEmbedder().embed(names + phrases)
-    sims = vectors[: len(names)] @ vectors[len(names):].T
-    return [bank.folders[n] for n, row in zip(names, sims) if row.max() < 0.5 - 1e-6]
+def generator_exemplars(rows: list[Row], learn_from: str, limit: int = 64) -> dict[str, list[Row]]:
+    """Per class, the images the composite generator imitates, as textual inversion would learn from them.
+
+    ``kept-edits`` (ASPIRE): the prediction-flipping edits of the class's top-k spurious groups, each as its source
+    row with the edited ``path`` (its boxes still locate the objects an edit did not remove). ``held-out`` (a
+    control without discovery): the class's held-out originals. At most ``limit`` per class, chosen by a digest of
+    the image id so the choice does not depend on row order."""
+    originals = {r["image_id"]: r for r in rows if not is_edit(r) and r.get("source") != "generated"}
+    out: dict[str, list[Row]] = {}
+    for row in rows:
+        if learn_from == "held-out" and row["image_id"] in originals:
+            out.setdefault(row["class_name"], []).append({**row, "spurious_group": 0})
+        elif learn_from == "kept-edits" and is_edit(row) and row.get("kept") and row.get("spurious_group") is not None:
+            source = originals.get(row.get("source_image_id"))
+            if source is not None:
+                out.setdefault(row["class_name"], []).append(
+                    {**source, "image_id": row["image_id"], "path": row["path"], "spurious_group": row["spurious_group"],
+                     "edit": row["source"]})
+    return {name: sorted(found, key=lambda r: digest(r["image_id"]))[:limit] for name, found in sorted(out.items())}
+
+
+def similar_to_any(phrase: str, others: list[str]) -> bool:
+    """Whether ``phrase`` names one of ``others`` (bag-of-stems cosine >= 0.5: "red ball" names "ball")."""
+    if not others:
+        return False
+    vectors = BowEmbedder().embed([phrase, *others])
+    return bool((vectors[1:] @ vectors[0]).max() >= 0.5 - 1e-6)
 
 
 class CompositeGenerator:
-    """Core objects of a class pasted on backgrounds outside its spurious groups (the CPU generator)."""
+    """The CPU stand-in of textual inversion + Stable Diffusion: new images that imitate a class's exemplars.
 
-    def __init__(self, config: GenerateConfig, bank_dir: Path, grounder: Grounder, segmenter: Segmenter) -> None:
-        self.config, self.bank = config, BackgroundBank(bank_dir)
-        self.grounder, self.segmenter = grounder, segmenter
-        self.identity = f"composite:{self.bank.identity}:{grounder.identity}:{segmenter.identity}"
+    Textual inversion learns the class's concept from its training images (ASPIRE: the kept edits, whose
+    spurious feature was removed or whose background was changed), and "a photo of <token>" draws what those
+    images show, in scenes from the model's prior. Here each exemplar is split, by the remove stage's grounder,
+    segmenter and inpainter, into
 
-    def cutouts(self, sources: list[Row], class_name: str, limit: int = 64) -> list[tuple[Image.Image, np.ndarray]]:
-        """Up to ``limit`` (RGBA crop of the core object, boolean mask) from the class's held-out images."""
-        out = []
-        phrase = class_name.replace("_", " ")
-        for row in sources[:limit]:
+    - a *foreground layer*: the core object and the exemplar's other foreground phrases, minus the class's
+      spurious phrases (the concept as learned: what was not found spurious comes along, as textual inversion
+      reproduces whatever its images share);
+    - a *scene*: the exemplar with that foreground and the spurious phrases inpainted away.
+
+    A generated image is one exemplar's foreground layer (drawn group-uniformly: each discovered feature equally
+    often), mirrored or not, rescaled, at a random place, on its own scene or, with probability
+    ``generate.context_prior``, on a uniformly drawn bank background: the prior, the same for every class, so
+    that no background is given to some classes and withheld from others. An exemplar of a background group
+    (a changed background) teaches that the background varies, so its scene always comes from the prior: the
+    background an edit happened to flip on (often one the classifier ties to another class) is not copied into
+    the class's images, which would make that background a new shortcut against the other class. Nothing is
+    forbidden (the class's usual background is one of the scenes) and a spurious object is never pasted."""
+
+    def __init__(self, config: GenerateConfig, grounder: Grounder, segmenter: Segmenter, inpainter: Inpainter,
+                 dilate_px: int, bank: Path | None) -> None:
+        self.config, self.grounder, self.segmenter, self.inpainter = config, grounder, segmenter, inpainter
+        self.dilate_px = dilate_px
+        self.bank = sorted(f for f in Path(bank).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS) if bank else []
+        if config.context_prior > 0 and not self.bank:
+            raise ValueError(f"generate.context_prior={config.context_prior} needs background.bank (a folder of "
+                             f"background images), got {str(bank)!r}")
+        self.identity = (f"composite:v2:{config.learn_from}:{grounder.identity}:{segmenter.identity}:"
+                         f"{inpainter.identity}:{len(self.bank)}")
+
+    def learn(self, exemplars: list[Row], class_name: str, spurious: list[list[str]]) -> list[dict]:
+        """Per usable exemplar: ``scene`` (RGB), ``layer`` (RGBA crop of the kept foreground) and ``group``."""
+        core = class_name.replace("_", " ")
+        avoid = sorted({normalize_phrase(p) for group in spurious for p in group})
+        learned = []
+        for row in exemplars:
             image = load_for_editing(row["path"], 1024)
-            detections = self.grounder.ground(image, [phrase], row)
-            if not detections:
+            keep = [core, *(p for p in row.get("foreground") or [] if not similar_to_any(p, avoid))]
+            phrases = list(dict.fromkeys([*keep, *avoid]))
+            detections = self.grounder.ground(image, phrases, row)
+            if not any(d.phrase == core for d in detections):
                 continue
-            best = max(detections, key=lambda d: d.score)
-            (mask,) = self.segmenter.segment(image, [best.box])
-            x0, y0, x1, y1 = (int(round(v)) for v in best.box)
-            crop, crop_mask = image.crop((x0, y0, x1, y1)), mask[y0:y1, x0:x1]
-            if crop_mask.any():
-                out.append((crop, crop_mask))
-        return out
+            masks = self.segmenter.segment(image, [d.box for d in detections])
+            layer_mask = np.zeros((image.height, image.width), dtype=bool)
+            hole = np.zeros_like(layer_mask)
+            for detection, mask in zip(detections, masks):
+                hole |= mask
+                if detection.phrase in keep:
+                    layer_mask |= mask
+            (scene,) = self.inpainter.inpaint([image], [dilate(hole, self.dilate_px)])
+            ys, xs = np.nonzero(layer_mask)
+            if not len(xs):
+                continue
+            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+            rgba = np.dstack([np.asarray(image)[y0:y1, x0:x1], layer_mask[y0:y1, x0:x1].astype(np.uint8) * 255])
+            learned.append({"scene": scene, "layer": Image.fromarray(rgba, "RGBA"),
+                            "group": int(row.get("spurious_group") or 0),
+                            "scene_varies": row.get("edit") == "edit-background"})
+        return learned
 
-    def generate(self, job: Row, cutouts, backgrounds: list[Path], size: int) -> Image.Image | str:
-        if not cutouts:
-            return f"no core object of {job['class_name']!r} found in its held-out images"
-        if not backgrounds:
-            return "every bank background is among the class's spurious groups"
+    def generate(self, job: Row, learned: list[dict], size: int) -> Image.Image | str:
+        if not learned:
+            return f"no exemplar of {job['class_name']!r} with a core object to learn from"
         rng = np.random.default_rng(job["seed"])
-        crop, mask = cutouts[int(rng.integers(len(cutouts)))]
-        folder = backgrounds[int(rng.integers(len(backgrounds)))]
-        files = sorted(p for p in folder.iterdir() if p.is_file())
-        canvas = load_for_editing(str(files[int(rng.integers(len(files)))]), 4096).resize((size, size), Image.BILINEAR)
-        scale = rng.uniform(*self.config.object_scale)
-        w = max(2, min(size, round(crop.width * scale)))
-        h = max(2, min(size, round(crop.height * scale)))
-        obj = np.asarray(crop.convert("RGB").resize((w, h), Image.BILINEAR))  # (h, w, 3)
-        alpha = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize((w, h), Image.NEAREST))  # (h, w)
+        groups = sorted({item["group"] for item in learned})
+        group = groups[int(rng.integers(len(groups)))]
+        pool = [item for item in learned if item["group"] == group]
+        exemplar = pool[int(rng.integers(len(pool)))]
+        from_prior = rng.random() < self.config.context_prior or exemplar["scene_varies"]
+        if from_prior and self.bank:
+            scene = load_rgb(self.bank[int(rng.integers(len(self.bank)))])
+        else:
+            scene = exemplar["scene"].convert("RGB")
+        scene = scene.resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            scene = scene.transpose(Image.FLIP_LEFT_RIGHT)
+        layer = exemplar["layer"]
+        if rng.random() < 0.5:
+            layer = layer.transpose(Image.FLIP_LEFT_RIGHT)
+        scale = rng.uniform(*self.config.object_scale) * size / max(exemplar["scene"].size)
+        w = max(2, min(size, round(layer.width * scale)))
+        h = max(2, min(size, round(layer.height * scale)))
+        rgba = np.asarray(layer.resize((w, h), Image.NEAREST))  # (h, w, 4), alpha 0 or 255
         x, y = int(rng.integers(0, size - w + 1)), int(rng.integers(0, size - h + 1))
-        return Image.fromarray(paste(np.asarray(canvas.convert("RGB")), np.dstack([obj, alpha]), x, y))
+        return Image.fromarray(paste(np.asarray(scene), rgba, x, y))
 
 
-def run_generate_composite(jobs: list[Row], generator: CompositeGenerator, sources: dict[str, list[Row]],
+def run_generate_composite(jobs: list[Row], generator: CompositeGenerator, exemplars: dict[str, list[Row]],
                            spurious: dict[str, list[list[str]]], out_dir: Path) -> ShardResult:
     """Generate a shard of jobs with the composite generator; jobs that cannot be made are quarantined."""
     rows, quarantine = [], []
     cache: dict[str, tuple] = {}
+    avoided = spurious if generator.config.learn_from == "kept-edits" else {}
     for job in jobs:
         name = job["class_name"]
         if name not in cache:
-            cut = generator.cutouts(sources.get(name, []), name)
-            size = generator.config.image_size or (load_for_editing(sources[name][0]["path"], 1024).width
-                                                   if sources.get(name) else 64)  # default: the sources' size
-            cache[name] = (cut, _allowed(generator.bank, spurious.get(name, [])), size)
-        cut, backgrounds, size = cache[name]
-        image = generator.generate(job, cut, backgrounds, size)
+            learned = generator.learn(exemplars.get(name, []), name, avoided.get(name, []))
+            size = generator.config.image_size or (learned[0]["scene"].width if learned else 64)  # default: the sources' size
+            cache[name] = (learned, size)
+        learned, size = cache[name]
+        image = generator.generate(job, learned, size)
         if isinstance(image, str):
             quarantine.append({"image_id": job["image_id"], "path": None, "reason": image})
             continue
         path = out_dir / f"{job['image_id'].replace('::', '__')}.png"
         image.save(path)
         rows.append({**job, "path": str(path), "source": "generated", "generator": "composite", "group": None,
-                     "spurious_avoided": spurious.get(name, [])})
+                     "spurious_avoided": avoided.get(name, [])})
     return ShardResult(rows, quarantine, {"generated": len(rows), "failed": len(quarantine)})
 
 
@@ -183,24 +248,17 @@ def run_generate_sd(jobs: list[Row], config: GenerateConfig, model: str, tokens:
     return ShardResult(rows, quarantine, stats)
 
 
-def core_sources(rows: list[Row]) -> dict[str, list[Row]]:
-    """Held-out original images per class (where core objects are cut out from)."""
-    out: dict[str, list[Row]] = {}
-    for row in rows:
-        if not is_edit(row) and row.get("source") != "generated":
-            out.setdefault(row["class_name"], []).append(row)
-    return out
-
-
 @task(name="generate-shard", task_run_name="generate-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
 def generate_shard_task(store: StageStore, index: int, rows: list[Row], config: GenerateConfig, remove: RemoveConfig,
-                        background: BackgroundConfig, model: str, tokens: dict, spurious: dict, sources: dict) -> dict:
+                        model: str, tokens: dict, spurious: dict, exemplars: dict, bank: Path | None) -> dict:
     """Generate one shard of jobs and commit it (skipped when already committed)."""
     if config.backend == "composite":
         from tasks.grounders import load_grounder
+        from tasks.inpainters import load_inpainter
         from tasks.segmenters import load_segmenter
 
-        generator = CompositeGenerator(config, background.bank, load_grounder(remove), load_segmenter(remove))
-        return store.ensure_shard(index, rows, lambda jobs, out: run_generate_composite(jobs, generator, sources,
+        generator = CompositeGenerator(config, load_grounder(remove), load_segmenter(remove), load_inpainter(remove),
+                                       remove.dilate, bank)
+        return store.ensure_shard(index, rows, lambda jobs, out: run_generate_composite(jobs, generator, exemplars,
                                                                                         spurious, out))
     return store.ensure_shard(index, rows, lambda jobs, out: run_generate_sd(jobs, config, model, tokens, spurious, out))

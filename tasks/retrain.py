@@ -113,7 +113,8 @@ def caption_missing_task(store: StageStore, rows: list[Row], config: CaptionConf
 
 def retrain_config(classifier: ClassifierConfig, retrain: RetrainConfig) -> ClassifierConfig:
     """The classifier config used to retrain."""
-    return classifier.model_copy(update={"epochs": retrain.epochs or classifier.epochs})
+    seed = classifier.seed if retrain.seed is None else retrain.seed
+    return classifier.model_copy(update={"epochs": retrain.epochs or classifier.epochs, "seed": seed})
 
 
 def run_robust(rows: list[Row], config: ClassifierConfig, method: str, trainer_args: dict) -> list[Row]:

@@ -31,6 +31,14 @@ def test_bank_matches_names_by_stems(tmp_path):
     assert b.pick("desert", "x") == b.pick("desert", "x")
 
 
+def test_bank_falls_back_on_what_looks_unlike_the_image_not_on_names(tmp_path):
+    b = BackgroundBank(bank(tmp_path))
+    reddish = np.tile(np.array([[210, 40, 30]], np.uint8), (50, 1))
+    whitish = np.tile(np.array([[235, 235, 240]], np.uint8), (50, 1))
+    assert {b.unlike(reddish, f"k{i}") for i in range(5)} == {"snowy field"}
+    assert {b.unlike(whitish, f"k{i}") for i in range(5)} == {"desert"}
+
+
 def test_composite_keeps_the_foreground_and_flips_on_a_red_desert(tmp_path):
     config = BackgroundConfig(backend="composite", bank=bank(tmp_path), batch_size=2)
     remove = RemoveConfig(ground="annotations", segment="box", dilate=0)
@@ -47,8 +55,8 @@ def test_composite_keeps_the_foreground_and_flips_on_a_red_desert(tmp_path):
     assert desert["kept"] and desert["phrase"] == "snow" and desert["alt"] == "desert"
     pixels = np.asarray(Image.open(desert["path"]))
     assert tuple(pixels[30, 30]) == (128, 128, 128) and tuple(pixels[2, 2]) == (230, 20, 20)
-    forest = edits["to-forest"]  # no forest in the bank: a background unlike snow is pasted instead
-    assert forest["skip_reason"] is None and forest["alt"] == "forest" and forest["alt_used"] == "desert"
+    forest = edits["to-forest"]  # no forest in the bank: the bank background that looks least like gray
+    assert forest["skip_reason"] is None and forest["alt"] == "forest" and forest["alt_used"] == "snowy field"
     assert desert["alt_used"] == "desert"
     assert edits["no-bg"]["skip_reason"] == "no background"
 
@@ -61,10 +69,26 @@ def test_collapse_keeps_top_k_groups_and_annotates_kept_edits():
     rows = [edit(0, "dog", "sled"), edit(1, "dog", "orange sled"), edit(2, "dog", "snow"), edit(3, "dog", "snowy field"),
             edit(4, "dog", "snow"), edit(5, "dog", "tree"), edit(6, "dog", "man", kept=False),
             {"image_id": "o", "source": "original", "class_name": "dog"}]
-    out, summary = run_collapse(rows, CollapseConfig(embedder="bow", top_k=2), BowEmbedder())
+    out, summary = run_collapse(rows, CollapseConfig(embedder="bow", top_k=2, min_flips=1), BowEmbedder())
     assert summary["spurious"] == {"dog": [["snow", "snowy field"], ["sled", "orange sled"]]}
     assert [r["spurious_group"] for r in out] == [1, 1, 0, 0, 0, None, None, None]
     assert summary["flipped"]["dog"]["man"] == {"tried": 1, "kept": 0}
     found = planted_found(SynthConfig(), {"dog": summary["spurious"]["dog"], "bird": [["lake"]]})
     assert found["dog"] == {"object": True, "background": True}
     assert found["bird"] == {"object": False, "background": True} and found["car"] == {"object": False, "background": False}
+
+
+def test_collapse_claims_a_feature_only_when_enough_edits_flip():
+    """Six flips of 200 'grass' edits (3%) is what a classifier leaning on nothing does: not a feature."""
+    def edits(cls, phrase, tried, kept):
+        return [{"image_id": f"{cls}-{phrase}-{i}", "source": "edit-remove", "class_name": cls, "phrase": phrase,
+                 "kept": i < kept, "skip_reason": None} for i in range(tried)]
+
+    rows = edits("cat", "grass", 200, 6) + edits("cat", "ball", 40, 12) + edits("fox", "rock", 30, 4) + \
+        [{"image_id": "o1", "source": "original", "class_name": "cat"}, {"image_id": "o2", "source": "original", "class_name": "fox"}]
+    out, summary = run_collapse(rows, CollapseConfig(embedder="bow", top_k=3, min_flips=5, min_flip_rate=0.05), BowEmbedder())
+    cat = {g["phrases"][0]: g for g in summary["top_k"]["cat"]}
+    assert cat["ball"]["confident"] and cat["ball"]["flip_rate"] == 0.3 and cat["ball"]["tried"] == 40
+    assert not cat["grass"]["confident"] and cat["grass"]["flip_rate"] == 0.03
+    assert summary["spurious"] == {"cat": [["ball"]]} and summary["no_spurious_found"] == ["fox"]
+    assert {r["spurious_group"] for r in out if r.get("phrase") == "grass"} == {None}

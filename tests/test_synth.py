@@ -218,3 +218,19 @@ def test_reads_back_unchanged_through_the_hf_imagefolder_reader(drawn: tuple[Syn
     assert set(read) == {r["image_id"] for r in rows}
     for row in rows:
         assert read[row["image_id"]] == row
+
+
+def test_negative_control_draws_backgrounds_and_objects_independent_of_the_class(tmp_path):
+    config = small_config(train_per_class=600, image_size=32, background_strength=0.25, object_strength=1 / 3,
+                          other_object_rate=1.0)
+    train = [r for r in draw_benchmark(config, tmp_path) if r["split"] == "train"]
+    for spec in config.classes:
+        mine = [r for r in train if r["class_name"] == spec.name]
+        backgrounds = Counter(r["scene"] for r in mine)
+        objects = Counter(o for r in mine for o in r["objects"])
+        assert all(abs(backgrounds[b.name] / len(mine) - 0.25) < 0.06 for b in config.backgrounds), backgrounds
+        assert all(abs(objects[o.name] / len(mine) - 1 / 3) < 0.06 for o in config.objects), objects
+        assert all(len(r["objects"]) == 1 and r["has_object"] == (r["objects"] == [spec.object]) for r in mine)
+    other = next(r for r in train if r["objects"] and not r["has_object"])  # another class's object, drawn and captioned
+    assert other["objects"][0] in other["caption"] or any(other["objects"][0] in b["phrase"] for b in other["boxes"])
+    assert [b["phrase"] for b in other["boxes"]][1] == other["objects"][0]

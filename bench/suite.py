@@ -1,0 +1,145 @@
+"""The benchmark suite: ASPIRE and its controls on every draw of ``configs/suite/``.
+
+Usage: .venv/bin/python bench/suite.py [--root DIR] [--draws d01_demo,n01_no_correlation] [--seeds 0,1,2]
+
+Each draw is ``configs/demo.yaml`` (the demo's settings, untouched) with the draw's ``synth`` section. Per draw
+and seed (``generate.seed`` and ``retrain.seed``) three arms are compared on the test split:
+
+- (a) no augmentation: the ERM classifier of the run (the report's ``before``);
+- (b) augmentation without discovery: the same generator and the same number of images, imitating the class's
+  held-out originals instead of its kept edits (``generate.learn_from=held-out``: it avoids nothing);
+- (c) ASPIRE: the generator imitates the kept edits of the class's spurious groups.
+
+(b) and (c) share every stage up to ``generate`` through the stage cache, and a rerun of the suite resumes from
+what is committed (``<root>/<draw>/``). Results go to ``<root>/suite.json`` and a markdown table to
+``<root>/suite.md`` (pasted into BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+from flows.runtime import prefect_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "configs" / "suite"
+ARMS = {"aspire": [], "no-discovery": ["generate.learn_from=held-out"]}
+
+
+def draw_config(draw: Path, root: Path) -> Path:
+    """The demo config with the draw's sections merged in, its paths under ``root/<draw>``; returns its file."""
+    config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    for section, values in (yaml.safe_load(draw.read_text()) or {}).items():
+        config[section] = {**config.get(section, {}), **values}
+    workdir = root / draw.stem
+    config.update(workdir=str(workdir))
+    config["dataset"]["root"] = str(workdir / "benchmark")
+    config["background"]["bank"] = str(workdir / "benchmark" / "backgrounds")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def summarise(report: dict, seconds: float) -> dict:
+    """What the table shows of one run."""
+    planted = report.get("planted_found") or {}
+    top_k = report.get("top_k") or {}
+    return {
+        "planted_found": sum(v["object"] + v["background"] for v in planted.values()),
+        "planted_total": 2 * len(planted),
+        "claimed": {c: [g["phrases"][0] for g in groups if g.get("confident")] for c, groups in top_k.items()},
+        "top_rates": {c: [[g["phrases"][0], g["count"], g.get("tried"), g.get("flip_rate")] for g in groups]
+                      for c, groups in top_k.items()},
+        "no_spurious_found": report.get("no_spurious_found"),
+        "before": {k: report["before"][k] for k in ("avg_acc", "worst_group_acc")},
+        "after": {k: report["after"][k] for k in ("avg_acc", "worst_group_acc")},
+        "worse_groups": report.get("worse_groups"),
+        "edits_kept": report["counts"]["edits_kept"],
+        "generated": report["counts"]["generated"],
+        "minutes": round(seconds / 60, 2),
+    }
+
+
+def run_suite(draws: list[Path], seeds: list[int], root: Path) -> dict:
+    from flows.aspire import aspire_flow
+
+    results_file = root / "suite.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    for draw in draws:
+        config_path = draw_config(draw, root)
+        for seed in seeds:
+            for arm, overrides in ARMS.items():
+                key = f"{draw.stem}/{arm}/{seed}"
+                if key in results:
+                    continue
+                start = time.perf_counter()
+                report = aspire_flow(config_path=str(config_path),
+                                     overrides=[*overrides, f"generate.seed={seed}", f"retrain.seed={seed}"])
+                results[key] = summarise(report, time.perf_counter() - start)
+                results_file.write_text(json.dumps(results, indent=1))
+                print(key, json.dumps(results[key]["after"]), flush=True)
+    return results
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return _pct(values[0])
+    return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))}"
+
+
+def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
+    """Markdown: per draw, planted features found, worst-group / average test accuracy of (a), (b), (c)."""
+    lines = ["| draw | planted found (top-3) | features claimed | edits kept | worst group (a) none / (b) no discovery / (c) ASPIRE "
+             "| average (a) / (b) / (c) | groups > 5 pts worse (c) | minutes |", "|---|---|---|---|---|---|---|---|"]
+    for draw in draws:
+        runs = {arm: [results[f"{draw.stem}/{arm}/{s}"] for s in seeds if f"{draw.stem}/{arm}/{s}" in results] for arm in ARMS}
+        if not runs["aspire"] or not runs["no-discovery"]:
+            continue
+        c, b = runs["aspire"], runs["no-discovery"]
+        first = c[0]
+        claimed = sum(len(v) for v in first["claimed"].values())
+        worst = " / ".join([_pct(first["before"]["worst_group_acc"]),
+                            _mean_std([r["after"]["worst_group_acc"] for r in b]),
+                            _mean_std([r["after"]["worst_group_acc"] for r in c])])
+        avg = " / ".join([_pct(first["before"]["avg_acc"]), _mean_std([r["after"]["avg_acc"] for r in b]),
+                          _mean_std([r["after"]["avg_acc"] for r in c])])
+        worse = sorted({g for r in c for g in (r["worse_groups"] or {})})
+        minutes = round(sum(r["minutes"] for r in c + b), 1)
+        lines.append(f"| {draw.stem} | {first['planted_found']}/{first['planted_total']} | {claimed} | {first['edits_kept']} "
+                     f"| {worst} | {avg} | {', '.join(worse).replace('|', '/') or 'none'} | {minutes} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=REPO / "data" / "runs" / "suite")
+    parser.add_argument("--draws", default="", help="comma-separated draw names (default: every file of configs/suite)")
+    parser.add_argument("--seeds", default="0", help="comma-separated generate / retrain seeds")
+    args = parser.parse_args()
+    draws = sorted(SUITE.glob("*.yaml"))
+    if args.draws:
+        wanted = args.draws.split(",")
+        draws = [d for d in draws if d.stem in wanted]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.root.mkdir(parents=True, exist_ok=True)
+    prefect_defaults()
+    results = run_suite(draws, seeds, args.root.resolve())
+    text = table(results, draws, seeds)
+    (args.root / "suite.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

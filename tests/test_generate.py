@@ -1,0 +1,112 @@
+"""The composite generator: what it learns from (kept edits or, as a control, held-out originals) and how it
+samples contexts (every exemplar group, the class's usual background included, spurious objects never pasted)."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from aspire.config import GenerateConfig, RemoveConfig
+from tasks.generate import CompositeGenerator, generator_exemplars, plan_jobs, run_generate_composite
+from tasks.grounders import AnnotationsGrounder
+from tasks.inpainters import OpenCVInpainter
+from tasks.segmenters import BoxSegmenter
+
+REMOVE = RemoveConfig(ground="annotations", segment="box", inpaint="opencv", dilate=3)
+BLUE, GREEN, RED, CORE = (30, 60, 200), (40, 170, 40), (230, 20, 20), (90, 90, 90)
+SAND, SNOW = (220, 190, 120), (245, 245, 250)
+BOXES = [{"phrase": "a", "box": [8, 8, 24, 24]}, {"phrase": "ball", "box": [40, 40, 56, 56]}]
+
+
+def image(path: Path, background, ball: bool) -> str:
+    picture = Image.new("RGB", (64, 64), background)
+    picture.paste(CORE, (8, 8, 24, 24))
+    if ball:
+        picture.paste(RED, (40, 40, 56, 56))
+    picture.save(path)
+    return str(path)
+
+
+def manifest(tmp_path: Path) -> list[dict]:
+    """One held-out original (class 'a' on blue beside a red ball) and its two edits: the ball removed (kept,
+    group 0), the background turned green (kept, group 1, the ball still there), and an edit that did not flip."""
+    original = {"image_id": "o", "path": image(tmp_path / "o.png", BLUE, True), "label": 0, "class_name": "a",
+                "split": "train", "source": "original", "boxes": BOXES, "holdout": True, "foreground": ["red ball"]}
+
+    def edit(kind, background, ball, group, kept=True):
+        return {"image_id": f"o::{kind}::0", "source_image_id": "o", "path": image(tmp_path / f"{kind}.png", background, ball),
+                "label": 0, "class_name": "a", "split": "train", "source": f"edit-{kind}", "kept": kept,
+                "spurious_group": group, "phrase": kind}
+
+    return [original, edit("remove", BLUE, False, 0), edit("background", GREEN, True, 1),
+            edit("unflipped", GREEN, False, None, kept=False)]
+
+
+def bank(tmp_path: Path) -> Path:
+    root = tmp_path / "bank"
+    for name, colour in (("sand", SAND), ("snow", SNOW)):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), colour).save(root / name / "0.png")
+    return root
+
+
+def generate(tmp_path: Path, learn_from: str, n: int = 40, prior: float = 0.0) -> list[np.ndarray]:
+    rows = manifest(tmp_path)
+    config = GenerateConfig(backend="composite", learn_from=learn_from, object_scale=(1.0, 1.0), context_prior=prior)
+    generator = CompositeGenerator(config, AnnotationsGrounder(), BoxSegmenter(), OpenCVInpainter(REMOVE), 3,
+                                   bank(tmp_path))
+    jobs = plan_jobs({"a": n}, {"a": 0}, seed=0)
+    out = tmp_path / f"{learn_from}-{prior}"
+    out.mkdir()
+    result = run_generate_composite(jobs, generator, generator_exemplars(rows, learn_from), {"a": [["ball"], ["blue"]]}, out)
+    assert len(result.rows) == n and not result.quarantine
+    return [np.asarray(Image.open(r["path"])).astype(int) for r in result.rows]
+
+
+def fraction(pixels: np.ndarray, colour) -> float:
+    return float((np.abs(pixels - np.array(colour)).sum(-1) < 40).mean())
+
+
+def test_exemplars_are_the_kept_edits_of_spurious_groups_with_their_source_boxes(tmp_path):
+    rows = manifest(tmp_path)
+    kept = generator_exemplars(rows, "kept-edits")["a"]
+    assert sorted(r["image_id"] for r in kept) == ["o::background::0", "o::remove::0"]
+    assert all(r["boxes"] == BOXES and r["path"] != rows[0]["path"] for r in kept)
+    assert {r["spurious_group"] for r in kept} == {0, 1}
+    held_out = generator_exemplars(rows, "held-out")["a"]
+    assert [r["image_id"] for r in held_out] == ["o"]
+
+
+def test_scenes_come_from_every_group_and_the_spurious_object_is_never_pasted(tmp_path):
+    images = generate(tmp_path, "kept-edits")
+    on_blue = [fraction(im, BLUE) > 0.5 for im in images]
+    on_bank = [fraction(im, SAND) > 0.5 or fraction(im, SNOW) > 0.5 for im in images]
+    assert all(b != k for b, k in zip(on_blue, on_bank))
+    # group-uniform: the removal edit's scene (the class's usual blue, not forbidden) half the time; the
+    # background edit teaches that the background varies, so its scene comes from the bank, never its green
+    assert 10 <= sum(on_blue) <= 30 and max(fraction(im, GREEN) for im in images) == 0.0
+    assert max(fraction(im, RED) for im in images) == 0.0  # the ball (spurious) is never pasted
+    assert min(fraction(im, CORE) for im in images) > 0.03  # every image shows the core object
+    assert len({im.tobytes() for im in images}) > 30  # positions and mirroring vary
+
+
+def test_without_discovery_the_generator_avoids_nothing(tmp_path):
+    images = generate(tmp_path, "held-out", n=10)
+    assert all(fraction(im, BLUE) > 0.5 for im in images)  # the only exemplar is the original on blue
+    assert min(fraction(im, RED) for im in images) > 0.02  # and its ball comes along in the foreground
+
+
+def test_the_scene_prior_is_the_bank_for_every_class_and_keeps_the_learned_foreground(tmp_path):
+    images = generate(tmp_path, "held-out", n=40, prior=0.5)
+    on_bank = [fraction(im, SAND) > 0.5 or fraction(im, SNOW) > 0.5 for im in images]
+    assert 10 <= sum(on_bank) <= 30 and any(fraction(im, SAND) > 0.5 for im in images)
+    assert min(fraction(im, RED) for im in images) > 0.02  # the ball is part of the learned foreground
+    assert min(fraction(im, CORE) for im in images) > 0.03
+
+
+def test_a_prior_without_a_bank_is_an_error_naming_the_keys(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="generate.context_prior=0.5 needs background.bank"):
+        CompositeGenerator(GenerateConfig(backend="composite"), AnnotationsGrounder(), BoxSegmenter(),
+                           OpenCVInpainter(REMOVE), 3, None)
