@@ -48,6 +48,12 @@ def _print_summary(report: dict, workdir: Path) -> None:
         found = planted.get(name)
         note = f"  (planted object found: {found['object']}, background found: {found['background']})" if found else ""
         typer.echo(f"spurious for {name}: " + " | ".join("{" + ", ".join(g) + "}" for g in groups) + note)
+    for name in report.get("no_spurious_found") or []:
+        typer.echo(f"no spurious feature found for {name} ({report.get('spurious_rule')})")
+    worse = report.get("worse_groups") or {}
+    if worse:
+        typer.echo("groups more than 5 points worse after augmentation: "
+                   + ", ".join(f"{g} {b:.2f} -> {a:.2f}" for g, (b, a) in worse.items()))
     if report["quarantine"]:
         typer.echo(f"quarantined {len(report['quarantine'])} images, see {workdir / 'quarantine.csv'}")
     typer.echo(f"report: {workdir / 'report.md'}")

@@ -36,7 +36,7 @@ from tasks.vision import Grounder, Inpainter, Segmenter, dilate
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
-VERSION = 2
+VERSION = 3
 
 
 def images_per_class(all_rows: list[Row], config: GenerateConfig) -> dict[str, int]:
