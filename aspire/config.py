@@ -226,6 +226,9 @@ class GenerateConfig(Section):
     context_prior: float = Field(
         0.5, ge=0, le=1, description="composite: probability that a generated image's scene is a uniformly drawn "
         "background.bank image (the generator's prior, the same for every class) instead of its exemplar's own scene.")
+    carry_objects: float = Field(
+        0.5, ge=0, le=1, description="composite: probability that a generated image shows its exemplar's other "
+        "foreground objects (those not among the class's spurious phrases) beside the core object.")
     image_size: int | None = Field(None, ge=16, description="composite: output size (default: the size of the source images).")
     object_scale: tuple[float, float] = Field((0.8, 1.2), description="composite: the core object is rescaled by a factor in this range.")
     seed: int = Field(0, description="Seed; every generated image records its own seed.")

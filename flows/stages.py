@@ -144,7 +144,10 @@ def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], sto
     counts = generate.images_per_class(dataset_rows, config.generate)
     labels = {r["class_name"]: r["label"] for r in dataset_rows}
     jobs = generate.plan_jobs(counts, labels, config.generate.seed)
-    spurious = _summary_of(stores, "collapse")["spurious"]
+    collapse_summary = _summary_of(stores, "collapse")
+    # a class with a spurious feature avoids every phrase of its top-k groups (ASPIRE's rule): a feature the
+    # classifier leans on alongside another flips few edits and may miss the claim's threshold
+    spurious = {c: [g["phrases"] for g in collapse_summary["top_k"][c]] for c in collapse_summary["spurious"]}
     tokens = {c: t[:2] for c, t in _summary_of(stores, "personalize")["tokens"].items()}
     exemplars, skipped = {}, {}
     if config.generate.backend == "composite":  # a class with nothing to imitate gets no images, and says why

@@ -36,7 +36,7 @@ from tasks.vision import Grounder, Inpainter, Segmenter, dilate
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
-VERSION = 3
+VERSION = 4
 
 
 def images_per_class(all_rows: list[Row], config: GenerateConfig) -> dict[str, int]:
@@ -89,6 +89,15 @@ def generator_exemplars(rows: list[Row], learn_from: str, limit: int = 64) -> di
     return {name: sorted(found, key=lambda r: digest(r["image_id"]))[:limit] for name, found in sorted(out.items())}
 
 
+def _layer(image: Image.Image, mask: np.ndarray) -> Image.Image | None:
+    """The masked pixels of ``image`` cropped to their box, as RGBA (alpha 0 or 255); None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    return Image.fromarray(np.dstack([np.asarray(image)[y0:y1, x0:x1], mask[y0:y1, x0:x1].astype(np.uint8) * 255]), "RGBA")
+
+
 def similar_to_any(phrase: str, others: list[str]) -> bool:
     """Whether ``phrase`` names one of ``others`` (bag-of-stems cosine >= 0.5: "red ball" names "ball")."""
     if not others:
@@ -105,9 +114,9 @@ class CompositeGenerator:
     images show, in scenes from the model's prior. Here each exemplar is split, by the remove stage's grounder,
     segmenter and inpainter, into
 
-    - a *foreground layer*: the core object and the exemplar's other foreground phrases, minus the class's
-      spurious phrases (the concept as learned: what was not found spurious comes along, as textual inversion
-      reproduces whatever its images share);
+    - a *foreground layer*: the core object, and (with probability ``generate.carry_objects`` per image) the
+      exemplar's other foreground phrases minus the class's spurious ones (what was not found spurious may come
+      along, as a token learned from images that share an object tends to draw it);
     - a *scene*: the exemplar with that foreground and the spurious phrases inpainted away.
 
     A generated image is one exemplar's foreground layer (drawn group-uniformly: each discovered feature equally
@@ -143,19 +152,17 @@ class CompositeGenerator:
             if not any(d.phrase == core for d in detections):
                 continue
             masks = self.segmenter.segment(image, [d.box for d in detections])
-            layer_mask = np.zeros((image.height, image.width), dtype=bool)
-            hole = np.zeros_like(layer_mask)
+            core_mask = np.zeros((image.height, image.width), dtype=bool)
+            layer_mask, hole = core_mask.copy(), core_mask.copy()
             for detection, mask in zip(detections, masks):
                 hole |= mask
-                if detection.phrase in keep:
-                    layer_mask |= mask
+                core_mask |= mask if detection.phrase == core else False
+                layer_mask |= mask if detection.phrase in keep else False
             (scene,) = self.inpainter.inpaint([image], [dilate(hole, self.dilate_px)])
-            ys, xs = np.nonzero(layer_mask)
-            if not len(xs):
+            layers = [_layer(image, core_mask), _layer(image, layer_mask)]
+            if layers[0] is None:
                 continue
-            x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-            rgba = np.dstack([np.asarray(image)[y0:y1, x0:x1], layer_mask[y0:y1, x0:x1].astype(np.uint8) * 255])
-            learned.append({"scene": scene, "layer": Image.fromarray(rgba, "RGBA"),
+            learned.append({"scene": scene, "core": layers[0], "layer": layers[1],
                             "group": int(row.get("spurious_group") or 0),
                             "scene_varies": row.get("edit") == "edit-background"})
         return learned
@@ -176,7 +183,7 @@ class CompositeGenerator:
         scene = scene.resize((size, size), Image.BILINEAR)
         if rng.random() < 0.5:
             scene = scene.transpose(Image.FLIP_LEFT_RIGHT)
-        layer = exemplar["layer"]
+        layer = exemplar["layer"] if rng.random() < self.config.carry_objects else exemplar["core"]
         if rng.random() < 0.5:
             layer = layer.transpose(Image.FLIP_LEFT_RIGHT)
         scale = rng.uniform(*self.config.object_scale) * size / max(exemplar["scene"].size)

@@ -50,13 +50,14 @@ def bank(tmp_path: Path) -> Path:
     return root
 
 
-def generate(tmp_path: Path, learn_from: str, n: int = 40, prior: float = 0.0) -> list[np.ndarray]:
+def generate(tmp_path: Path, learn_from: str, n: int = 40, prior: float = 0.0, carry: float = 1.0) -> list[np.ndarray]:
     rows = manifest(tmp_path)
-    config = GenerateConfig(backend="composite", learn_from=learn_from, object_scale=(1.0, 1.0), context_prior=prior)
+    config = GenerateConfig(backend="composite", learn_from=learn_from, object_scale=(1.0, 1.0), context_prior=prior,
+                            carry_objects=carry)
     generator = CompositeGenerator(config, AnnotationsGrounder(), BoxSegmenter(), OpenCVInpainter(REMOVE), 3,
                                    bank(tmp_path))
     jobs = plan_jobs({"a": n}, {"a": 0}, seed=0)
-    out = tmp_path / f"{learn_from}-{prior}"
+    out = tmp_path / f"{learn_from}-{prior}-{carry}"
     out.mkdir()
     result = run_generate_composite(jobs, generator, generator_exemplars(rows, learn_from), {"a": [["ball"], ["blue"]]}, out)
     assert len(result.rows) == n and not result.quarantine
@@ -101,6 +102,13 @@ def test_the_scene_prior_is_the_bank_for_every_class_and_keeps_the_learned_foreg
     on_bank = [fraction(im, SAND) > 0.5 or fraction(im, SNOW) > 0.5 for im in images]
     assert 10 <= sum(on_bank) <= 30 and any(fraction(im, SAND) > 0.5 for im in images)
     assert min(fraction(im, RED) for im in images) > 0.02  # the ball is part of the learned foreground
+    assert min(fraction(im, CORE) for im in images) > 0.03
+
+
+def test_other_objects_come_along_with_the_carry_probability(tmp_path):
+    images = generate(tmp_path, "held-out", n=40, carry=0.5)
+    with_ball = sum(fraction(im, RED) > 0.02 for im in images)
+    assert 10 <= with_ball <= 30 and max(fraction(im, RED) for im in images if fraction(im, RED) <= 0.02) == 0.0
     assert min(fraction(im, CORE) for im in images) > 0.03
 
 
