@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -236,3 +237,12 @@ def test_selection_uses_worst_group_when_val_has_groups_else_average():
     high_worst = {"val_avg_acc": 0.8, "val_worst_group_acc": 0.5}
     assert selection_key(high_worst, by_group=True) > selection_key(high_avg, by_group=True)
     assert selection_key(high_avg, by_group=False) > selection_key(high_worst, by_group=False)
+
+
+def test_dfr_half_split_of_single_row_groups_leaves_an_empty_integer_half():
+    from aspire.robust.dfr import half_split
+
+    first, second = half_split(np.array(["a", "b", "b"]), np.random.default_rng(0))
+    assert first.dtype.kind == "i" and second.dtype.kind == "i" and len(first) == 2 and len(second) == 1
+    first, second = half_split(np.array(["a", "b"]), np.random.default_rng(0))
+    assert second.dtype.kind == "i" and len(second) == 0  # usable as an index: C is then not tuned

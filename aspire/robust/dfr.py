@@ -86,12 +86,13 @@ class DFRTrainer(Trainer):
         tune, held = half_split(groups, rng)
         mean, std = x[tune].mean(0), x[tune].std(0) + 1e-8
         table = []
-        for c in self.c_grid:
+        for c in self.c_grid if len(held) else []:  # one validation row per group: nothing to tune C on
             subset = tune[balanced_subset(groups[tune], rng)]
             w, b = fit_l1((x[subset] - mean) / std, y[subset], c, k, seed)
             pred = (((x[held] - mean) / std) @ w.T + b).argmax(1)
             table.append({"C": c, "val_worst_group_acc": worst_group(pred == y[held], groups[held])})
-        best_c = max(table, key=lambda r: r["val_worst_group_acc"])["C"]  # first of equals: the weakest penalty
+        # first of equals: the weakest penalty (also when C could not be tuned)
+        best_c = max(table, key=lambda r: r["val_worst_group_acc"])["C"] if table else self.c_grid[0]
         # 4. Refit on balanced subsets of all validation rows and average.
         mean, std = x.mean(0), x.std(0) + 1e-8
         fits, subsets = [], []
@@ -144,7 +145,7 @@ def half_split(groups: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
         cut = (len(idx) + 1) // 2
         first += idx[:cut].tolist()
         second += idx[cut:].tolist()
-    return np.sort(first), np.sort(second)
+    return np.sort(np.array(first, dtype=int)), np.sort(np.array(second, dtype=int))
 
 
 def balanced_subset(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
