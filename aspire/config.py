@@ -172,8 +172,11 @@ class CollapseConfig(Section):
         5, ge=1, description="A top-k group counts as a spurious feature only when at least this many of its edits "
         "flipped the prediction ...")
     min_flip_rate: float = Field(
-        0.05, ge=0, le=1, description="... and at least this fraction of its edits did; a class with no such group "
-        "reports 'no spurious feature found' and gets no generated images.")
+        0.05, ge=0, le=1, description="... and at least this fraction of its edits did ...")
+    min_lift: float = Field(
+        2.0, ge=0, description="... and the class's held-out captions name it at least this many times as often as "
+        "the other classes' captions do (a correlation in the data); a class with no such group reports 'no spurious "
+        "feature found' and gets no generated images.")
 
 
 class PersonalizeConfig(Section):

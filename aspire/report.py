@@ -83,14 +83,15 @@ def _spurious_section(report: dict[str, Any]) -> list[str]:
     planted = report.get("planted_found") or {}
     if report.get("spurious_rule"):
         lines += [f"Rule: {report['spurious_rule']}; the others are listed but not claimed.", ""]
-    head = "| class | rank | edits flipped / tried | flip rate | spurious feature | phrases |"
+    head = "| class | rank | edits flipped / tried | flip rate | captions naming it: class / others | spurious feature | phrases |"
     if planted:
-        lines += [head + " planted object found | planted background found |", "|---|---|---|---|---|---|---|---|"]
+        lines += [head + " planted object found | planted background found |", "|---|---|---|---|---|---|---|---|---|"]
     else:
-        lines += [head, "|---|---|---|---|---|---|"]
+        lines += [head, "|---|---|---|---|---|---|---|"]
     for name, groups in (report.get("top_k") or {}).items():
         for rank, group in enumerate(groups, 1):
             cells = [name, str(rank), f"{group['count']} / {group.get('tried', '?')}", _pct(group.get("flip_rate")),
+                     f"{_pct(group.get('mentioned'))} / {_pct(group.get('mentioned_elsewhere'))}",
                      "yes" if group.get("confident", True) else "no", ", ".join(group["phrases"])]
             if planted:
                 found = planted.get(name, {})

@@ -6,7 +6,10 @@ ASPIRE Sec. 2 "Top-k selection" and Table 4 (https://arxiv.org/abs/2308.10103); 
 
 A top-k group counts as a spurious feature only when enough of its edits flipped the prediction, in number
 (``collapse.min_flips``) and in rate (``collapse.min_flip_rate``): a classifier that leans on nothing still
-flips a few edits, and those must not be reported as features. Classes with no such group are listed in
+flips a few edits, and those must not be reported as features. And a spurious *correlation* is one of the data:
+the feature must be named by the class's captions at least ``collapse.min_lift`` times as often as by the other
+classes' (what a classifier leans on without such a correlation, say an undertrained model's taste for snow when
+every class is as often on snow, is the model's error, not a shortcut the data taught that augmentation fixes). Classes with no such group are listed in
 ``no_spurious_found``.
 
 Columns added: ``spurious_group`` (0..k-1 on kept edits of a confident top-k group, else None).
@@ -18,11 +21,11 @@ from collections import Counter, defaultdict
 
 from aspire.config import CollapseConfig
 from aspire.manifest import Row
-from aspire.phrases import DEFAULT_THRESHOLDS, Embedder, make_embedder, top_k
+from aspire.phrases import DEFAULT_THRESHOLDS, Embedder, make_embedder, phrase_root, top_k
 from tasks.remove import is_edit
 
 STAGE = "collapse"
-VERSION = 2
+VERSION = 3
 
 
 def threshold_of(config: CollapseConfig) -> float:
@@ -44,6 +47,24 @@ def flip_counts(rows: list[Row]) -> dict[str, dict[str, dict[str, int]]]:
             for c, phrases in sorted(counts.items())}
 
 
+def mention_rates(rows: list[Row], phrases: list[str], class_name: str) -> tuple[float, float]:
+    """Fraction of the class's held-out originals whose extracted phrases (foreground and background) name one of
+    ``phrases`` (the stemmed words of one hold the other's: "snowy field" names "snow"), and the same fraction
+    over the other classes' originals."""
+    roots = [set(phrase_root(p).split()) for p in phrases]
+    inside = outside = n_inside = n_outside = 0
+    for row in rows:
+        if is_edit(row) or row.get("extract_error") is not None or "foreground" not in row:
+            continue
+        mentioned = [set(phrase_root(p).split()) for p in [*row["foreground"], row.get("background") or ""] if p]
+        named = any(a and b and (a <= b or b <= a) for a in roots for b in mentioned)
+        if row["class_name"] == class_name:
+            n_inside, inside = n_inside + 1, inside + named
+        else:
+            n_outside, outside = n_outside + 1, outside + named
+    return (inside / n_inside if n_inside else 0.0), (outside / n_outside if n_outside else 0.0)
+
+
 def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) -> tuple[list[Row], dict]:
     """Top-k groups per class from the kept edits; annotate the kept edits that belong to them.
 
@@ -58,7 +79,11 @@ def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) ->
         for group in groups:
             group["tried"] = sum(flipped.get(class_name, {}).get(p, {}).get("tried", 0) for p in group["phrases"])
             group["flip_rate"] = round(group["count"] / group["tried"], 4) if group["tried"] else 0.0
-            group["confident"] = group["count"] >= config.min_flips and group["flip_rate"] >= config.min_flip_rate
+            inside, outside = mention_rates(rows, group["phrases"], class_name)
+            group["mentioned"], group["mentioned_elsewhere"] = round(inside, 4), round(outside, 4)
+            group["lift"] = round(inside / max(outside, 1e-3), 2)
+            group["confident"] = (group["count"] >= config.min_flips and group["flip_rate"] >= config.min_flip_rate
+                                  and group["lift"] >= config.min_lift)
     spurious = {c: [g["phrases"] for g in groups if g["confident"]] for c, groups in table.items()}
     group_of = {(c, p): i for c, groups in spurious.items() for i, g in enumerate(groups) for p in g}
     out = [{**r, "spurious_group": group_of.get((r["class_name"], r.get("phrase"))) if is_edit(r) and r.get("kept")
@@ -68,6 +93,7 @@ def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) ->
                "spurious": {c: groups for c, groups in spurious.items() if groups},
                "no_spurious_found": [c for c in classes if not spurious.get(c)],
                "rule": f"a top-{config.top_k} group is a spurious feature when >= {config.min_flips} of its edits "
-                       f"flipped the prediction and >= {config.min_flip_rate:.0%} of them did",
+                       f"flipped the prediction, >= {config.min_flip_rate:.0%} of them did, and the class's captions "
+                       f"name it >= {config.min_lift:g}x as often as the other classes' do",
                "top_k": table, "flipped": flipped}
     return out, summary

@@ -69,7 +69,7 @@ def test_collapse_keeps_top_k_groups_and_annotates_kept_edits():
     rows = [edit(0, "dog", "sled"), edit(1, "dog", "orange sled"), edit(2, "dog", "snow"), edit(3, "dog", "snowy field"),
             edit(4, "dog", "snow"), edit(5, "dog", "tree"), edit(6, "dog", "man", kept=False),
             {"image_id": "o", "source": "original", "class_name": "dog"}]
-    out, summary = run_collapse(rows, CollapseConfig(embedder="bow", top_k=2, min_flips=1), BowEmbedder())
+    out, summary = run_collapse(rows, CollapseConfig(embedder="bow", top_k=2, min_flips=1, min_lift=0), BowEmbedder())
     assert summary["spurious"] == {"dog": [["snow", "snowy field"], ["sled", "orange sled"]]}
     assert [r["spurious_group"] for r in out] == [1, 1, 0, 0, 0, None, None, None]
     assert summary["flipped"]["dog"]["man"] == {"tried": 1, "kept": 0}
@@ -86,9 +86,30 @@ def test_collapse_claims_a_feature_only_when_enough_edits_flip():
 
     rows = edits("cat", "grass", 200, 6) + edits("cat", "ball", 40, 12) + edits("fox", "rock", 30, 4) + \
         [{"image_id": "o1", "source": "original", "class_name": "cat"}, {"image_id": "o2", "source": "original", "class_name": "fox"}]
-    out, summary = run_collapse(rows, CollapseConfig(embedder="bow", top_k=3, min_flips=5, min_flip_rate=0.05), BowEmbedder())
+    out, summary = run_collapse(rows, CollapseConfig(embedder="bow", top_k=3, min_flips=5, min_flip_rate=0.05, min_lift=0), BowEmbedder())
     cat = {g["phrases"][0]: g for g in summary["top_k"]["cat"]}
     assert cat["ball"]["confident"] and cat["ball"]["flip_rate"] == 0.3 and cat["ball"]["tried"] == 40
     assert not cat["grass"]["confident"] and cat["grass"]["flip_rate"] == 0.03
     assert summary["spurious"] == {"cat": [["ball"]]} and summary["no_spurious_found"] == ["fox"]
     assert {r["spurious_group"] for r in out if r.get("phrase") == "grass"} == {None}
+
+
+def test_collapse_claims_only_features_the_class_s_captions_name_more_than_others():
+    """'snow' flips many dog edits, but every class's captions name snow as often: the model's error, no claim.
+    'sled' flips as many and is named by dog captions only: a spurious correlation."""
+    def edits(phrase, tried, kept):
+        return [{"image_id": f"{phrase}-{i}", "source": "edit-remove", "class_name": "dog", "phrase": phrase,
+                 "kept": i < kept, "skip_reason": None} for i in range(tried)]
+
+    def original(i, cls, foreground, background):
+        return {"image_id": f"o{i}", "source": "original", "class_name": cls, "foreground": foreground,
+                "background": background, "extract_error": None}
+
+    rows = edits("snow", 40, 20) + edits("sled", 40, 20)
+    rows += [original(i, "dog", ["sled"] if i < 8 else [], "snow" if i % 2 else "grass") for i in range(10)]
+    rows += [original(10 + i, "cat", [], "snowy field" if i % 2 else "grass") for i in range(10)]
+    _, summary = run_collapse(rows, CollapseConfig(embedder="bow", top_k=3), BowEmbedder())
+    groups = {g["phrases"][0]: g for g in summary["top_k"]["dog"]}
+    assert groups["sled"]["mentioned"] == 0.8 and groups["sled"]["mentioned_elsewhere"] == 0.0 and groups["sled"]["confident"]
+    assert groups["snow"]["lift"] == 1.0 and not groups["snow"]["confident"]
+    assert summary["spurious"] == {"dog": [["sled"]]} and summary["no_spurious_found"] == ["cat"]

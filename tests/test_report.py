@@ -18,7 +18,8 @@ def test_groups_more_than_five_points_worse_are_listed():
 
 def test_report_shows_the_rule_flip_rates_and_the_classes_without_a_feature():
     collapse = {"spurious": {"cat": [["ball"]]}, "no_spurious_found": ["fox"], "rule": "RULE",
-                "top_k": {"cat": [{"phrases": ["ball"], "count": 12, "tried": 40, "flip_rate": 0.3, "confident": True},
+                "top_k": {"cat": [{"phrases": ["ball"], "count": 12, "tried": 40, "flip_rate": 0.3, "confident": True,
+                                   "mentioned": 0.8, "mentioned_elsewhere": 0.1},
                                   {"phrases": ["grass"], "count": 6, "tried": 200, "flip_rate": 0.03, "confident": False}],
                           "fox": [{"phrases": ["rock"], "count": 4, "tried": 30, "flip_rate": 0.1333, "confident": False}]},
                 "flipped": {}}
@@ -27,6 +28,6 @@ def test_report_shows_the_rule_flip_rates_and_the_classes_without_a_feature():
     report = build_report({"holdout": {"before": {"test": before}}, "collapse": collapse, "retrain": {"after": {"test": after}}})
     assert report["worse_groups"] == {"cat/grass": [1.0, 0.5]} and report["no_spurious_found"] == ["fox"]
     text = render_markdown(report)
-    assert "Rule: RULE" in text and "| cat | 1 | 12 / 40 | 30.0% | yes | ball |" in text
-    assert "| cat | 2 | 6 / 200 | 3.0% | no | grass |" in text
+    assert "Rule: RULE" in text and "| cat | 1 | 12 / 40 | 30.0% | 80.0% / 10.0% | yes | ball |" in text
+    assert "| cat | 2 | 6 / 200 | 3.0% | n/a / n/a | no | grass |" in text
     assert "**fox: no spurious feature found**" in text and "cat/grass 100.0% -> 50.0%" in text
