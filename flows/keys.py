@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 from aspire.cache import StageStore, stage_key
 from aspire.config import RunConfig
-from aspire.manifest import Row
+from aspire.manifest import Row, digest
 from tasks import (
     background,
     caption,
@@ -105,5 +105,7 @@ def chain(config: RunConfig, listing: list[Row]) -> Iterator[tuple[str, StageSto
         if marker is None:
             return
         input_digest = marker["digest"]
+        if name == "collapse":  # generate reads the claims and the top-k phrases from its summary, not its rows
+            input_digest = digest([input_digest, marker["summary"].get("spurious"), marker["summary"].get("top_k")])
 
 
