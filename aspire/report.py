@@ -126,7 +126,7 @@ def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str 
         lines += ["", "| group | before | after |", "|---|---|---|"]
         lines += [f"| {g} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
         worse = report.get("worse_groups") or {}
-        lines += ["", f"Groups more than {WORSE_BY:.0%} worse after augmentation (a new shortcut?): "
+        lines += ["", f"Groups more than {100 * WORSE_BY:.0f} points worse after augmentation (a new shortcut?): "
                   + (", ".join(f"{g} {_pct(b)} -> {_pct(a)}" for g, (b, a) in worse.items()) or "none")]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
