@@ -79,7 +79,8 @@ def generate_identity(config: RunConfig) -> str:
         from tasks.inpainters import inpainter_identity
         from tasks.segmenters import segmenter_identity
 
-        bank = background.BackgroundBank(config.background.bank).identity if config.generate.context_prior > 0 else "no bank"
+        # the bank serves the prior and every changed-background exemplar, whatever context_prior is
+        bank = background.BackgroundBank(config.background.bank).identity if config.background.bank else "no bank"
         return f"composite: {grounder_identity(config.remove)} | {segmenter_identity(config.remove)} | " \
                f"{inpainter_identity(config.remove)} | {bank}"
     from tasks.generate_sd import clip_identity, generator_identity

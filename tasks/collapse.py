@@ -9,8 +9,8 @@ A top-k group counts as a spurious feature only when enough of its edits flipped
 flips a few edits, and those must not be reported as features. And a spurious *correlation* is one of the data:
 the feature must be named by the class's captions at least ``collapse.min_lift`` times as often as by the other
 classes' (what a classifier leans on without such a correlation, say an undertrained model's taste for snow when
-every class is as often on snow, is the model's error, not a shortcut the data taught that augmentation fixes). Classes with no such group are listed in
-``no_spurious_found``.
+every class is as often on snow, is the model's error, not a shortcut the data taught that augmentation fixes).
+Classes with no such group are listed in ``no_spurious_found``.
 
 Columns added: ``spurious_group`` (0..k-1 on kept edits of a confident top-k group, else None).
 """
@@ -47,18 +47,26 @@ def flip_counts(rows: list[Row]) -> dict[str, dict[str, dict[str, int]]]:
             for c, phrases in sorted(counts.items())}
 
 
-def mention_rates(rows: list[Row], phrases: list[str], class_name: str) -> tuple[float, float]:
-    """Fraction of the class's held-out originals whose extracted phrases (foreground and background) name one of
-    ``phrases`` (the stemmed words of one hold the other's: "snowy field" names "snow"), and the same fraction
-    over the other classes' originals."""
+def caption_mentions(rows: list[Row]) -> list[tuple[str, list[set[str]]]]:
+    """Per held-out original with an extraction: its class and the stemmed words of each phrase extracted from its
+    caption (foreground and background)."""
+    out = []
+    for row in rows:
+        if not is_edit(row) and row.get("extract_error") is None and "foreground" in row:
+            phrases = [p for p in [*row["foreground"], row.get("background") or ""] if p]
+            out.append((row["class_name"], [set(phrase_root(p).split()) for p in phrases]))
+    return out
+
+
+def mention_rates(mentions: list[tuple[str, list[set[str]]]], phrases: list[str], class_name: str) -> tuple[float, float]:
+    """Fraction of the class's held-out originals (:func:`caption_mentions`) that name one of ``phrases`` (the
+    stemmed words of one hold the other's: "snowy field" names "snow"), and the same fraction over the other
+    classes' originals."""
     roots = [set(phrase_root(p).split()) for p in phrases]
     inside = outside = n_inside = n_outside = 0
-    for row in rows:
-        if is_edit(row) or row.get("extract_error") is not None or "foreground" not in row:
-            continue
-        mentioned = [set(phrase_root(p).split()) for p in [*row["foreground"], row.get("background") or ""] if p]
+    for row_class, mentioned in mentions:
         named = any(a and b and (a <= b or b <= a) for a in roots for b in mentioned)
-        if row["class_name"] == class_name:
+        if row_class == class_name:
             n_inside, inside = n_inside + 1, inside + named
         else:
             n_outside, outside = n_outside + 1, outside + named
@@ -74,12 +82,12 @@ def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) ->
     """
     kept = [r for r in rows if is_edit(r) and r.get("kept") and r.get("phrase")]
     table = top_k([(r["class_name"], r["phrase"]) for r in kept], embedder, threshold_of(config), config.top_k)
-    flipped = flip_counts(rows)
+    flipped, mentions = flip_counts(rows), caption_mentions(rows)
     for class_name, groups in table.items():
         for group in groups:
             group["tried"] = sum(flipped.get(class_name, {}).get(p, {}).get("tried", 0) for p in group["phrases"])
             group["flip_rate"] = round(group["count"] / group["tried"], 4) if group["tried"] else 0.0
-            inside, outside = mention_rates(rows, group["phrases"], class_name)
+            inside, outside = mention_rates(mentions, group["phrases"], class_name)
             group["mentioned"], group["mentioned_elsewhere"] = round(inside, 4), round(outside, 4)
             group["lift"] = round(inside / max(outside, 1e-3), 2)
             group["confident"] = (group["count"] >= config.min_flips and group["flip_rate"] >= config.min_flip_rate

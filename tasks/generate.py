@@ -136,8 +136,6 @@ class CompositeGenerator:
         if config.context_prior > 0 and not self.bank:
             raise ValueError(f"generate.context_prior={config.context_prior} needs background.bank (a folder of "
                              f"background images), got {str(bank)!r}")
-        self.identity = (f"composite:v2:{config.learn_from}:{grounder.identity}:{segmenter.identity}:"
-                         f"{inpainter.identity}:{len(self.bank)}")
 
     def learn(self, exemplars: list[Row], class_name: str, spurious: list[list[str]]) -> list[dict]:
         """Per usable exemplar: ``scene`` (RGB), ``layer`` (RGBA crop of the kept foreground) and ``group``."""
