@@ -123,7 +123,8 @@ class CompositeGenerator:
     often), mirrored or not, rescaled, at a random place, on its own scene or, with probability
     ``generate.context_prior``, on a uniformly drawn bank background: the prior, the same for every class, so
     that no background is given to some classes and withheld from others. An exemplar of a background group
-    (a changed background) teaches that the background varies, so its scene always comes from the prior: the
+    (a changed background) teaches that the background varies, so its scene comes from the prior whenever a bank
+    is configured (without one, at context_prior 0, it keeps its own scene): the
     background an edit happened to flip on (often one the classifier ties to another class) is not copied into
     the class's images, which would make that background a new shortcut against the other class. Nothing is
     forbidden (the class's usual background is one of the scenes) and a spurious object is never pasted."""
