@@ -80,9 +80,15 @@ def build_model(config: ClassifierConfig, num_classes: int) -> nn.Module:
     with torch.random.fork_rng():  # weight init is seeded; the caller's random state is left as it was
         torch.manual_seed(config.seed)
         if config.arch == "small-cnn":
-            if config.weights is not None:
-                raise ValueError("classifier.weights must be null for arch 'small-cnn' (it has no pretrained weights)")
-            return SmallCNN(num_classes)
+            model = SmallCNN(num_classes)
+            if config.weights == "synthetic-pretrain":
+                from aspire.pretrain import pretrained_backbone
+
+                model.features.load_state_dict(pretrained_backbone(config))
+            elif config.weights is not None:
+                raise ValueError(f"classifier.weights={config.weights!r}: arch 'small-cnn' takes null (random init) "
+                                 "or 'synthetic-pretrain'")
+            return model
         if config.arch not in torchvision.models.list_models():
             raise ValueError(f"classifier.arch={config.arch!r}: not 'small-cnn' nor a torchvision.models name")
         model = _load_backbone(config)

@@ -42,6 +42,18 @@ class DatasetConfig(Section):
     seed: int = Field(0, description="Seed for any random split the reader has to make.")
 
 
+class PretrainConfig(Section):
+    """``classifier.weights: synthetic-pretrain``: the small CNN's backbone pretrained on a balanced synthetic corpus
+    (:mod:`aspire.pretrain`), the CPU world's stand-in for ImageNet weights."""
+
+    classes: int = Field(10, ge=2, le=10, description="Pretraining shapes (classes), none of them a benchmark shape.")
+    images_per_class: int = Field(500, ge=2, description="Training images per shape (every shape on random backgrounds).")
+    epochs: int = Field(8, ge=1, description="Pretraining epochs.")
+    lr: float = Field(0.05, gt=0, description="Pretraining SGD learning rate.")
+    seed: int = Field(0, ge=0, description="Seed of the corpus and of the pretraining run (fixed, like ImageNet weights).")
+    cache: str | None = Field(None, description="Folder of the committed backbone (default $ASPIRE_CACHE or ~/.cache/aspire).")
+
+
 class ClassifierConfig(Section):
     """The ERM classifier of ASPIRE step 1 (https://arxiv.org/abs/2308.10103, Sec. 2(1) and 3)."""
 
@@ -51,8 +63,10 @@ class ClassifierConfig(Section):
     weights: str | None = Field(
         None,
         description="None (random init), 'imagenet' (torchvision default weights, needs the hub or its cache), "
-        "or a path to a state_dict (.pt/.pth) for the backbone.",
+        "a path to a state_dict (.pt/.pth) for the backbone, or 'synthetic-pretrain' (small-cnn only: a backbone "
+        "pretrained once on a balanced synthetic corpus, see classifier.pretrain).",
     )
+    pretrain: PretrainConfig = PretrainConfig()
     image_size: int = Field(224, ge=16, description="Images are resized to image_size x image_size.")
     epochs: int = Field(100, ge=1, description="Training epochs (ASPIRE trains to convergence).")
     lr: float = Field(1e-3, gt=0, description="SGD learning rate (ASPIRE: 1e-3).")
@@ -241,8 +255,8 @@ class GenerateConfig(Section):
 class RetrainConfig(Section):
     """ASPIRE step 6: retrain the classifier on the augmented set (Sec. 2(6)); settings default to ``classifier``."""
 
-    method: Literal["erm", "jtt", "dfr", "groupdro"] = Field(
-        "erm", description="Training method: erm, or a robust trainer of aspire.robust (jtt, dfr, groupdro).")
+    method: Literal["erm", "jtt", "dfr", "groupdro", "clarify", "slim"] = Field(
+        "erm", description="Training method: erm, or a robust trainer of aspire.robust (jtt, dfr, groupdro, clarify, slim).")
     epochs: int | None = Field(None, ge=1, description="Epochs (default: classifier.epochs).")
     seed: int | None = Field(None, description="Seed of weight init and data order (default: classifier.seed).")
     jtt_epochs: int = Field(1, ge=1, description="JTT: T, epochs of the identification model (JTT paper: 1-60).")
@@ -259,11 +273,56 @@ class RetrainConfig(Section):
     groupdro_adjustment: float = Field(0.0, ge=0, description="Group DRO: group adjustment C (q update sees loss_g + C/sqrt(n_g); paper: 0-4).")
     groupdro_balanced: bool = Field(True, description="Group DRO: sample every group equally often (the paper code's --reweight_groups).")
 
-    def trainer_args(self, method: str, erm_model: str | None = None) -> dict:
+    clarify_annotator: Literal["file", "simulated", "random"] = Field(
+        "file", description="CLARIFY: file (a person's annotations from `aspire clarify`), simulated (the best-scoring "
+        "extracted phrase per class) or random (a random extracted phrase per class: the control).")
+    clarify_annotations: str | None = Field(
+        None, description="CLARIFY: annotations YAML (default <workdir>/clarify/annotations.yaml).")
+    clarify_similarity: Literal["caption-bow", "caption-minilm", "clip"] = Field(
+        "caption-bow", description="CLARIFY: image-phrase similarity: clip (the paper's) or the image's caption "
+        "against the phrase (bag of stems or MiniLM; close to an oracle on synthetic captions).")
+    clarify_clip_model: str | None = Field(None, description="CLARIFY: CLIP hub id or local folder for similarity clip.")
+    clarify_mode: Literal["last-layer", "full"] = Field(
+        "last-layer", description="CLARIFY: retrain the last layer on frozen reference features (the paper's) or the whole model.")
+    clarify_variant: Literal["slice-balanced", "worst-slice"] = Field(
+        "slice-balanced", description="CLARIFY: Eq. 2 slice weights, or Group DRO over the slices (whole model).")
+    slim_mode: Literal["train", "val"] = Field(
+        "val", description="SLIM: curate the training set and train on it (SLIM_Tr) or curate validation and "
+        "retrain the last layer (SLIM_Val).")
+    slim_annotator: Literal["file", "simulated", "random"] = Field(
+        "file", description="SLIM: file (a person's answers from `aspire slim`), simulated (GradCAM mass in the object "
+        "box), or random (a random subset of the curated size: the control).")
+    slim_annotations: str | None = Field(
+        None, description="SLIM: answers CSV (default <workdir>/slim/<mode>/annotations.csv).")
+    slim_queries: int = Field(40, ge=1, description="SLIM: attention answers asked for (paper, Waterbirds: 120 Tr, 40 Val).")
+    slim_budget: float = Field(0.1, gt=0, le=1, description="SLIM: curated set size as a fraction of the pool (paper: 0.05-0.3).")
+    slim_flip_rate: float = Field(0.05, ge=0, le=1, description="SLIM, simulated annotator: probability an answer is flipped "
+                                  "(the paper reports ~95% human consistency).")
+
+    def annotation_path(self, method: str, workdir: Path) -> Path:
+        """Where ``aspire clarify`` / ``aspire slim`` write the person's annotations and training reads them."""
+        if method == "clarify":
+            return Path(self.clarify_annotations or workdir / "clarify" / "annotations.yaml")
+        return Path(self.slim_annotations or workdir / "slim" / self.slim_mode / "annotations.csv")
+
+    def trainer_args(self, method: str, erm_model: str | None = None, workdir: Path | None = None,
+                     candidates: list[str] | None = None) -> dict:
         """Keyword arguments of ``aspire.robust.make_trainer(method)`` from this section. ``erm_model``: the run's
-        classifier-stage model file, DFR's frozen backbone when ``dfr_base`` is ``classifier``."""
+        classifier-stage model file, DFR's frozen backbone when ``dfr_base`` is ``classifier`` and the reference
+        model of CLARIFY and SLIM; ``workdir``: where their annotations are; ``candidates``: the run's extracted
+        phrases, from which the simulated CLARIFY annotator chooses."""
         if method == "dfr" and self.dfr_base == "classifier" and erm_model is not None:
             return {"base_model_path": erm_model}
+        if method == "clarify":
+            return {"annotations": str(self.annotation_path(method, workdir or Path("."))), "annotator": self.clarify_annotator,
+                    "candidates": list(candidates or []), "similarity": self.clarify_similarity,
+                    "clip_model": self.clarify_clip_model, "mode": self.clarify_mode, "variant": self.clarify_variant,
+                    "reference_model_path": erm_model}
+        if method == "slim":
+            return {"mode": self.slim_mode, "annotator": self.slim_annotator,
+                    "annotations": str(self.annotation_path(method, workdir or Path("."))),
+                    "n_queries": self.slim_queries, "budget_fraction": self.slim_budget,
+                    "flip_rate": self.slim_flip_rate, "reference_model_path": erm_model}
         if method == "jtt":
             return {"identification_epochs": self.jtt_epochs, "upweight": self.jtt_upweight}
         if method == "groupdro":

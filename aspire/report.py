@@ -217,7 +217,7 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
     return report
 
 
-METHOD_NAMES = {"erm": "ERM", "jtt": "JTT", "dfr": "DFR", "groupdro": "Group DRO"}
+METHOD_NAMES = {"erm": "ERM", "jtt": "JTT", "dfr": "DFR", "groupdro": "Group DRO", "clarify": "CLARIFY", "slim": "SLIM"}
 
 
 def _mean_std(mean: float, std: float) -> str:
@@ -250,6 +250,11 @@ def render_robust(robust: dict[str, Any], level: str = "#") -> list[str]:
             avg_gain = f" ({100 * (aug['avg_acc'] - base['avg_acc']):+.1f})" if base else ""
             out.append(f"| {name} + ASPIRE | {_mean_std(aug['worst_group_acc'], aug['worst_std'])}{worst_gain} | "
                        f"{_mean_std(aug['avg_acc'], aug['avg_std'])}{avg_gain} |")
+    for l in lines:  # the human-in-the-loop methods: what the person gave and how the model was selected
+        if l.get("budget") or l.get("selection"):
+            budget = ", ".join(f"{v} {k}" for k, v in (l.get("budget") or {}).items())
+            out.append(f"\n{METHOD_NAMES.get(l['method'], l['method'])} ({l['data']}): annotation budget {budget or 'n/a'}; "
+                       f"model selection: {l.get('selection', 'n/a')}.")
     groups = list(dict.fromkeys(g for l in lines for g in l.get("per_group", {})))
     if groups:
         header = " | ".join(g.replace("|", "\\|") for g in groups)  # group names may hold "|"

@@ -131,7 +131,8 @@ def status(config: Path = typer.Argument(..., help="YAML run config."), set_: Op
 
 @app.command()
 def train(config: Path = typer.Argument(..., help="YAML run config (after `aspire run`)."),
-          method: Optional[list[str]] = typer.Option(None, "--method", help="erm, jtt, dfr or groupdro (repeatable)."),
+          method: Optional[list[str]] = typer.Option(None, "--method", help="erm, jtt, dfr, groupdro, clarify or slim "
+                                                     "(repeatable)."),
           seeds: str = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2."),
           set_: Optional[list[str]] = SetOption) -> None:
     """Robust trainers on the original and the augmented training set; worst-group test accuracy per method."""
@@ -143,6 +144,32 @@ def train(config: Path = typer.Argument(..., help="YAML run config (after `aspir
                seeds=[int(s) for s in seeds.split(",")])
     typer.echo((run_config.workdir / "robust.md").read_text())
     typer.echo(f"table: {run_config.workdir / 'robust.md'} (also in {run_config.workdir / 'report.md'})")
+
+
+@app.command()
+def clarify(config: Path = typer.Argument(..., help="YAML run config (after `aspire run`)."),
+            annotator: str = typer.Option("person", help="person (you type), simulated (best extracted phrase per "
+                                          "class) or random (a random extracted phrase: the control)."),
+            set_: Optional[list[str]] = SetOption) -> None:
+    """CLARIFY's interface: describe the reference model's validation errors per class in a few words."""
+    run_config = _load(config, set_ or [])
+    if annotator not in ("person", "simulated", "random"):
+        typer.secho(f"--annotator {annotator!r}: expected person, simulated or random", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    from flows.annotate import clarify_session
+
+    try:
+        clarify_session(run_config, annotator, ask=_ask, say=typer.echo)
+    except ValueError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return input(prompt)
+    except EOFError:  # stdin closed (a pipe ran out): keep what was typed so far
+        return ""
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""``aspire train``: robust trainers (ERM, JTT, DFR, Group DRO) on the original and the augmented training set,
+"""``aspire train``: robust trainers (ERM, JTT, DFR, Group DRO, CLARIFY, SLIM) on the original and the augmented training set,
 evaluated per group on the test split, averaged over seeds (the kind of table ASPIRE's Table 1 reports).
 
 It reads what ``aspire run`` committed: the dataset rows (``holdout`` stage) and, when there, the augmented set
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from aspire.cache import StageStore, stage_key
+from aspire.cache import StageStore, file_digest, stage_key
 from aspire.config import ClassifierConfig, RunConfig, load_config
 from aspire.manifest import Row, digest
 from aspire.report import attach_robust, render_robust
@@ -29,7 +30,7 @@ from tasks import classifier, ingest
 from tasks.export import with_generated_groups
 from tasks.retrain import group_rows
 
-METHODS = ("erm", "jtt", "dfr", "groupdro")
+METHODS = ("erm", "jtt", "dfr", "groupdro", "clarify", "slim")
 RESULT = "result.json"
 
 
@@ -41,13 +42,17 @@ class Committed:
         datasets: ``original`` (the holdout stage's rows) and, when committed, ``augmented`` (the export stage's).
         spurious: the collapse stage's top-k phrase groups per class, or ``None``.
         captions: the caption stage's rows (held-out images with their captions), or empty.
-        erm_model: the classifier stage's ERM model file (DFR's backbone with ``retrain.dfr_base=classifier``).
+        erm_model: the classifier stage's ERM model file (DFR's backbone with ``retrain.dfr_base=classifier``, the
+            reference model of CLARIFY and SLIM).
+        phrases: the extract stage's object and background phrases, in order of first appearance (the simulated
+            CLARIFY annotator's candidates).
     """
 
     datasets: dict[str, list[Row]]
     spurious: dict[str, list[list[str]]] | None
     captions: list[Row]
     erm_model: str | None = None
+    phrases: list[str] = field(default_factory=list)
 
 
 def committed(config: RunConfig) -> Committed:
@@ -67,6 +72,9 @@ def committed(config: RunConfig) -> Committed:
             found.datasets["original"] = store.read_rows()
         if name == "caption":
             found.captions = store.read_rows()
+        if name == "extract":
+            found.phrases = list(dict.fromkeys(p for row in store.read_rows()
+                                               for p in [*row.get("foreground", []), row.get("background")] if p))
         if name == "collapse":
             found.spurious = marker["summary"]["spurious"]
         if name == "export":
@@ -86,12 +94,15 @@ def train_task(store: StageStore, method: str, seed: int, data: str, rows: list[
         val = [r for r in rows if r["split"] == "val"]
         result = make_trainer(method, **trainer_args).train(train, val, config, seed)
         test = evaluate(result.model, [r for r in rows if r["split"] == "test" and r.get("source") != "generated"], config)
-        record = {"method": method, "seed": seed, "data": data, "best_epoch": result.best_epoch, "test": test}
+        record = {"method": method, "seed": seed, "data": data, "best_epoch": result.best_epoch, "test": test,
+                  **{k: result.extras[k] for k in ("budget", "selection", "annotations") if k in result.extras}}
         (tmp / RESULT).write_text(json.dumps(record, indent=1))
         return {}
 
     name = f"{method}-seed{seed}-{data}"
-    store.ensure_part(name, write, digest([trainer_args, digest(rows)]), checked_files=(RESULT,))
+    annotations = Path(trainer_args.get("annotations") or "")
+    edited = file_digest(annotations) if trainer_args.get("annotator") == "file" and annotations.is_file() else None
+    store.ensure_part(name, write, digest([trainer_args, digest(rows), edited]), checked_files=(RESULT,))
     return json.loads((store.part_dir(name) / RESULT).read_text())
 
 
@@ -101,7 +112,8 @@ def summarize(records: list[dict]) -> list[dict]:
     lines = []
     for method in METHODS:
         for data in ("original", "augmented"):
-            mine = [r["test"] for r in records if r["method"] == method and r["data"] == data]
+            runs = [r for r in records if r["method"] == method and r["data"] == data]
+            mine = [r["test"] for r in runs]
             if not mine:
                 continue
             avg, worst = [m["avg_acc"] for m in mine], [m["worst_group_acc"] for m in mine]
@@ -111,7 +123,8 @@ def summarize(records: list[dict]) -> list[dict]:
             lines.append({"method": method, "data": data, "seeds": len(mine),
                           "avg_acc": round(statistics.mean(avg), 4), "avg_std": round(statistics.pstdev(avg), 4),
                           "worst_group_acc": round(statistics.mean(worst), 4),
-                          "worst_std": round(statistics.pstdev(worst), 4), "per_group": per_group})
+                          "worst_std": round(statistics.pstdev(worst), 4), "per_group": per_group,
+                          **{k: runs[0][k] for k in ("budget", "selection") if k in runs[0]}})
     return lines
 
 
@@ -140,7 +153,8 @@ def train_flow(config_path: str, overrides: list[str] | None = None, methods: li
         for method in methods:
             for seed in seeds:
                 records.append(train_task(store, method, seed, data, rows, config.classifier,
-                                          config.retrain.trainer_args(method, found.erm_model)))
+                                          config.retrain.trainer_args(method, found.erm_model, config.workdir,
+                                                                      found.phrases)))
                 get_run_logger().info("%s seed %d on %s: test %s", method, seed, data, records[-1]["test"]["worst_group_acc"])
     lines = summarize(records)
     robust = {"lines": lines, "grouping": grouping}

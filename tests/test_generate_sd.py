@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from tiny_models import TEXT_HIDDEN, tiny_sd_parts, write_clip_tokenizer
+from tiny_models import TEXT_HIDDEN, save_tiny_clip, tiny_sd_parts, write_clip_tokenizer
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -28,16 +28,11 @@ HIDDEN = TEXT_HIDDEN  # text encoder width = size of a learned embedding
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def text_config() -> dict:
-    return dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=HIDDEN, intermediate_size=32,
-                num_attention_heads=2, num_hidden_layers=2, vocab_size=80, max_position_embeddings=77)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Saved tiny StableDiffusionPipeline and CLIP model + processor, and a learned ``<dog>`` embedding."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("sd")
     unet, vae, text_encoder = tiny_sd_parts()
@@ -49,14 +44,7 @@ def models(tmp_path_factory):
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder / "model")
 
-    clip = CLIPModel(CLIPConfig(text_config=text_config(), projection_dim=8,
-                                vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                                                   num_hidden_layers=2, image_size=32, patch_size=8)))
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32}),
-                              tokenizer=tokenizer)
-    clip.save_pretrained(folder / "clip")
-    processor.save_pretrained(folder / "clip")
+    save_tiny_clip(folder / "clip")
 
     save_file({"<dog>": torch.randn(HIDDEN)}, folder / "dog.safetensors")  # diffusers' learned_embeds format
     save_file({"<dog>": torch.randn(HIDDEN)}, folder / "dog2.safetensors")

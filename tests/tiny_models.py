@@ -45,3 +45,24 @@ def tiny_sd_parts(unet_in_channels: int = 4, vocab_size: int = 80):
                                                 intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
                                                 vocab_size=vocab_size, max_position_embeddings=77))
     return unet, vae, text_encoder
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    """A tiny random-weight ``CLIPModel`` and its ``CLIPProcessor`` (32 px images) saved into ``folder``."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    write_clip_tokenizer(folder / "tok")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tok", model_max_length=77)
+    torch.manual_seed(0)  # test fixture only: fixed random weights
+    text = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=TEXT_HIDDEN, intermediate_size=32,
+                num_attention_heads=2, num_hidden_layers=2, vocab_size=80, max_position_embeddings=77)
+    clip = CLIPModel(CLIPConfig(text_config=text, projection_dim=8,
+                                vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                                   num_hidden_layers=2, image_size=32, patch_size=8)))
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    clip.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

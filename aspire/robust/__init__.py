@@ -1,4 +1,5 @@
-"""Robust trainers beside ERM (JTT, DFR, Group DRO), one file per method and one interface.
+"""Robust trainers beside ERM (JTT, DFR, Group DRO, and the human-in-the-loop CLARIFY and SLIM), one file per method
+and one interface.
 
 ``make_trainer("jtt", identification_epochs=1, upweight=20).train(train_rows, val_rows, config, seed)`` returns a
 :class:`TrainResult` whose model is the best epoch on worst-group validation accuracy.
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 from aspire.robust.base import Trainer, TrainResult, evaluate
+from aspire.robust.clarify import CLARIFYTrainer
 from aspire.robust.dfr import DFRTrainer
 from aspire.robust.erm import ERMTrainer
 from aspire.robust.group_dro import GroupDROTrainer
@@ -17,6 +19,7 @@ TRAINERS: dict[str, type[Trainer]] = {
     "jtt": JTTTrainer,
     "dfr": DFRTrainer,
     "groupdro": GroupDROTrainer,
+    "clarify": CLARIFYTrainer,
 }
 
 
@@ -33,6 +36,7 @@ def make_trainer(method: str, **kwargs) -> Trainer:
 
 __all__ = [
     "TRAINERS",
+    "CLARIFYTrainer",
     "DFRTrainer",
     "ERMTrainer",
     "GroupDROTrainer",

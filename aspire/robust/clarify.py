@@ -1,0 +1,365 @@
+"""CLARIFY: correct a model from a person's short description of its errors (Lee et al., "Clarify: Improving Model
+Robustness With Natural Language Corrections", seed paper 004, Sec. 3-4).
+
+1. A person looks at one class's validation images split into correct and wrong predictions of the reference model
+   and completes "The model is often wrong on images that have ___" (``aspire clarify CONFIG``).
+2. The **error score** of a phrase T: with sim(I, T) the similarity of every validation image of the class to T,
+
+       Acc(tau) = 1/2 [ P(sim > tau | error) + P(sim <= tau | correct) ],   score = 2 (max_tau Acc(tau) - 0.5),
+
+   0 for a phrase that says nothing about the errors, 1 for one that separates them perfectly. tau is the
+   maximising threshold unless the person sets it. One annotation is (class, phrase, tau); per class the best one is
+   kept.
+3. The class's training rows split into D> (sim > tau) and D<= (sim <= tau); **slice-balanced** training weighs them
+   by Eq. 2, w_i = 1 / (C |D>|) or 1 / (C |D<=|), so both slices of an annotated class weigh the same in total; rows
+   of classes without an annotation keep uniform weights. Here the weights are scaled so that every class keeps its
+   original total weight (its row count) and the mean weight is 1: an annotated class's two slices each get half of
+   it. The paper trains the last layer on a frozen backbone (``mode: last-layer``, features L2-normalised); ``full``
+   fine-tunes the whole model with the same weights. **worst-slice** trains with Group DRO over the slices instead.
+4. Model selection uses no group labels: the validation slices (the same rule on validation images) are the groups
+   whose worst accuracy picks the C of the last layer or the best epoch.
+
+Similarity backends: ``clip`` (CLIP image-text cosine, the paper's), and for the CPU world ``caption-bow`` /
+``caption-minilm``, the phrase against each image's caption. On the synthetic benchmark the captions name the planted
+object and background exactly, so caption matching there is close to an oracle of the spurious attribute: its
+numbers measure the training half of CLARIFY, not how well a similarity model finds the slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import yaml
+from sklearn.linear_model import LogisticRegression
+from torch import nn
+
+from aspire.classifier import build_model, fit, load_model, predict_rows
+from aspire.config import ClassifierConfig
+from aspire.images import load_rgb
+from aspire.manifest import Row
+from aspire.phrases import BowEmbedder, Embedder, MiniLMEmbedder
+from aspire.robust.base import Trainer, TrainResult, check_rows, num_classes
+from aspire.robust.dfr import embed, strip_head
+from aspire.robust.erm import ERMTrainer
+from aspire.robust.group_dro import GroupDROTrainer
+
+log = logging.getLogger(__name__)
+
+SIMILARITIES = ("caption-bow", "caption-minilm", "clip")
+SELECTION = "worst validation-slice accuracy (slices from the annotations; no group labels)"
+
+
+# -- similarity ------------------------------------------------------------------------------------------------
+
+
+class CaptionSimilarity:
+    """sim(image, phrase) = cosine of the phrase and the image's ``caption`` under an embedder (bag of stems, MiniLM).
+
+    Raises:
+        ValueError: (from :meth:`scores`) a row without a caption.
+    """
+
+    def __init__(self, embedder: Embedder) -> None:
+        self.embedder, self.identity = embedder, f"caption-{embedder.identity}"
+
+    def scores(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
+        """(N rows, M phrases) cosine similarities."""
+        missing = [row.get("image_id") for row in rows if not row.get("caption")]
+        if missing:
+            raise ValueError(f"clarify.similarity={self.identity!r} needs a caption on every row; {len(missing)} lack "
+                             f"one (first: {missing[0]!r}). Use similarity 'clip' or caption the dataset first.")
+        captions = [row["caption"] for row in rows]
+        if isinstance(self.embedder, BowEmbedder):  # one vocabulary for captions and phrases
+            vectors = self.embedder.embed([*captions, *phrases])
+            return vectors[: len(captions)] @ vectors[len(captions):].T
+        parts = [self.embedder.embed(captions[i : i + 256]) for i in range(0, len(captions), 256)]
+        return np.concatenate(parts) @ self.embedder.embed(list(phrases)).T
+
+
+class ClipSimilarity:
+    """sim(image, phrase) = CLIP cosine of the image and "a photo of {phrase}" (the generate stage's CLIP code)."""
+
+    def __init__(self, model: str, device: str = "auto") -> None:
+        from aspire.config import GenerateConfig
+        from tasks.generate_sd import ClipFilter
+
+        self.clip = ClipFilter(GenerateConfig(clip_model=model, device=device))
+        self.identity = f"clip:{model}"
+
+    def scores(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
+        parts = []
+        for start in range(0, len(rows), 256):
+            images = [load_rgb(row["path"]) for row in rows[start : start + 256]]
+            parts.append(self.clip.scores(images, list(phrases)))
+        return np.concatenate(parts) if parts else np.zeros((0, len(phrases)), dtype=np.float32)
+
+
+def make_similarity(name: str, clip_model: str | None = None, device: str = "auto") -> CaptionSimilarity | ClipSimilarity:
+    """The similarity backend called ``name`` (one of :data:`SIMILARITIES`)."""
+    if name == "caption-bow":
+        return CaptionSimilarity(BowEmbedder())
+    if name == "caption-minilm":
+        return CaptionSimilarity(MiniLMEmbedder())
+    if name == "clip":
+        if not clip_model:
+            raise ValueError("clarify similarity 'clip' needs a CLIP model (hub id or local folder)")
+        return ClipSimilarity(clip_model, device)
+    raise ValueError(f"clarify similarity {name!r}: expected one of {SIMILARITIES}")
+
+
+# -- the error score --------------------------------------------------------------------------------------------
+
+
+def error_score(sims: np.ndarray, errors: np.ndarray, tau: float | None = None) -> tuple[float, float]:
+    """(score, tau) of one phrase on one class's validation images (module docstring).
+
+    With ``tau`` given, the score at that threshold; else the best threshold among the observed similarities. A
+    class without errors or without correct images gives (0.0, max similarity).
+    """
+    sims, errors = np.asarray(sims, dtype=np.float64), np.asarray(errors, dtype=bool)
+    n_err, n_ok = int(errors.sum()), int((~errors).sum())
+    if n_err == 0 or n_ok == 0:
+        return 0.0, float(sims.max()) if len(sims) else 0.0
+    candidates = np.array([tau]) if tau is not None else np.unique(sims)
+    above_err = (sims[errors][None, :] > candidates[:, None]).sum(1) / n_err  # P(sim > tau | error)
+    below_ok = (sims[~errors][None, :] <= candidates[:, None]).sum(1) / n_ok  # P(sim <= tau | correct)
+    acc = 0.5 * (above_err + below_ok)
+    best = int(acc.argmax())
+    return max(0.0, 2 * (float(acc[best]) - 0.5)), float(candidates[best])
+
+
+# -- annotations ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Annotation:
+    """One correction: images of ``class_name`` with sim(image, ``phrase``) > ``tau`` are the ones the model gets wrong."""
+
+    class_name: str
+    phrase: str
+    tau: float
+    error_score: float | None = None
+
+
+def write_annotations(path: Path, annotations: Sequence[Annotation], note: str = "") -> None:
+    """Save annotations as YAML a person can edit (``class``, ``phrase``, ``tau``, ``error_score``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{"class": a.class_name, "phrase": a.phrase, "tau": round(float(a.tau), 6),
+                "error_score": None if a.error_score is None else round(float(a.error_score), 4)} for a in annotations]
+    header = ("# CLARIFY annotations: per class, 'the model is often wrong on images that have <phrase>'.\n"
+              "# tau: similarity above which an image counts as having it. Edit by hand or with `aspire clarify`.\n")
+    path.write_text(header + (f"# {note}\n" if note else "") + yaml.safe_dump({"annotations": entries}, sort_keys=False))
+
+
+def read_annotations(path: Path, class_names: Sequence[str] | None = None) -> list[Annotation]:
+    """Annotations from a YAML file written by :func:`write_annotations` (or by hand).
+
+    Raises:
+        ValueError: no such file, bad YAML, or an entry with a missing/unknown class, an empty phrase, a tau that is
+            not a number, or a class annotated twice; the message names the file and the entry.
+    """
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no CLARIFY annotations file; run `aspire clarify CONFIG` or write one by hand")
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    entries = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a top-level 'annotations:' list")
+    found, seen = [], set()
+    for i, entry in enumerate(entries, 1):
+        where = f"{path}: annotation {i}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a mapping with class, phrase, tau")
+        name, phrase, tau = entry.get("class"), entry.get("phrase"), entry.get("tau")
+        if not name or (class_names is not None and name not in class_names):
+            raise ValueError(f"{where}: class {name!r} is not one of {list(class_names or [])}")
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise ValueError(f"{where}: phrase must be a non-empty string, got {phrase!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+            raise ValueError(f"{where}: tau must be a number, got {tau!r}")
+        if name in seen:
+            raise ValueError(f"{where}: class {name!r} is annotated twice (CLARIFY keeps one phrase per class)")
+        seen.add(name)
+        found.append(Annotation(name, phrase.strip(), float(tau), entry.get("error_score")))
+    return found
+
+
+def score_phrases(rows: Sequence[Row], preds: Sequence[int], class_name: str, phrases: Sequence[str],
+                  similarity) -> list[tuple[str, float, float]]:
+    """(phrase, error score, tau) of every phrase on the validation rows of ``class_name``."""
+    mine = [i for i, row in enumerate(rows) if row["class_name"] == class_name]
+    if not mine or not phrases:
+        return []
+    errors = np.array([preds[i] != rows[i]["label"] for i in mine])
+    sims = similarity.scores([rows[i] for i in mine], list(phrases))
+    return [(p, *error_score(sims[:, j], errors)) for j, p in enumerate(phrases)]
+
+
+def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candidates: Sequence[str], similarity,
+                          pick: Literal["best", "random"] = "best", seed: int = 0) -> list[Annotation]:
+    """The simulated annotator: per class with errors, the best-scoring candidate phrase (``pick: best``, the
+    stand-in for a person) or a random one (``random``: the control of the same budget); tau by the score. Classes
+    whose best phrase scores 0 are left unannotated."""
+    rng = np.random.default_rng(seed)
+    found = []
+    for name in dict.fromkeys(row["class_name"] for row in val_rows):
+        scored = score_phrases(val_rows, preds, name, list(dict.fromkeys(candidates)), similarity)
+        if not scored:
+            continue
+        choice = max(scored, key=lambda s: s[1]) if pick == "best" else scored[int(rng.integers(len(scored)))]
+        if pick == "best" and choice[1] <= 0:
+            continue
+        found.append(Annotation(name, choice[0], choice[2], choice[1]))
+    return found
+
+
+# -- slices and weights --------------------------------------------------------------------------------------------
+
+
+def slice_names(rows: Sequence[Row], annotations: Sequence[Annotation], similarity) -> list[str]:
+    """Per row ``<class>|<phrase>`` (sim > tau) or ``<class>|not <phrase>`` for annotated classes, else ``<class>``."""
+    names = [str(row["class_name"]) for row in rows]
+    for a in annotations:
+        mine = [i for i, row in enumerate(rows) if row["class_name"] == a.class_name]
+        if not mine:
+            continue
+        sims = similarity.scores([rows[i] for i in mine], [a.phrase])[:, 0]
+        for i, s in zip(mine, sims):
+            names[i] = f"{a.class_name}|{a.phrase}" if s > a.tau else f"{a.class_name}|not {a.phrase}"
+    return names
+
+
+def slice_weights(classes: Sequence[str], slices: Sequence[str]) -> np.ndarray:
+    """Eq. 2, scaled: per class, its total weight stays its row count; an annotated class's (present) slices share
+    it equally; mean weight 1."""
+    classes, slices = np.asarray(classes), np.asarray(slices)
+    weights = np.ones(len(classes))
+    for c in np.unique(classes):
+        in_class = classes == c
+        names = np.unique(slices[in_class])
+        for s in names:
+            member = in_class & (slices == s)
+            weights[member] = in_class.sum() / (len(names) * member.sum())
+    return weights
+
+
+class Normalize(nn.Module):
+    """L2-normalise features (CLARIFY normalises embeddings before training the last layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=1)
+
+
+def _worst(pred: np.ndarray, y: np.ndarray, slices: np.ndarray) -> tuple[float, float]:
+    hits = pred == y
+    return min(float(hits[slices == s].mean()) for s in np.unique(slices)), float(hits.mean())
+
+
+# -- the trainer ---------------------------------------------------------------------------------------------------
+
+
+class CLARIFYTrainer(Trainer):
+    """CLARIFY on the trainer interface (module docstring).
+
+    Args:
+        annotations: YAML file of (class, phrase, tau), used with ``annotator: file``.
+        annotator: ``file`` (a person's annotations), ``simulated`` (best-scoring candidate phrase per class) or
+            ``random`` (a random candidate per class: the control).
+        candidates: phrases the simulated/random annotator chooses from (the extract stage's phrases).
+        similarity: one of :data:`SIMILARITIES`; ``clip_model`` for ``clip``.
+        mode: ``last-layer`` (the paper's: logistic regression on the frozen, L2-normalised reference features) or
+            ``full`` (fine-tune the whole model with the weights).
+        variant: ``slice-balanced`` (Eq. 2) or ``worst-slice`` (Group DRO over the slices, whole model).
+        reference_model / reference_model_path: the model whose errors were annotated (default: ERM on the train rows).
+        c_grid: inverse L2 strengths of the last layer, chosen on the validation slices.
+    """
+
+    def __init__(self, annotations: str | None = None, annotator: Literal["file", "simulated", "random"] = "file",
+                 candidates: Sequence[str] = (), similarity: str = "caption-bow", clip_model: str | None = None,
+                 mode: Literal["last-layer", "full"] = "last-layer",
+                 variant: Literal["slice-balanced", "worst-slice"] = "slice-balanced",
+                 reference_model: nn.Module | None = None, reference_model_path: str | None = None,
+                 c_grid: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0)) -> None:
+        if annotator == "file" and not annotations:
+            raise ValueError("clarify: annotator 'file' needs an annotations file (run `aspire clarify CONFIG`)")
+        if annotator in ("simulated", "random") and not candidates:
+            raise ValueError(f"clarify: annotator {annotator!r} needs candidate phrases (the run's extract stage)")
+        if mode not in ("last-layer", "full") or variant not in ("slice-balanced", "worst-slice"):
+            raise ValueError(f"clarify: mode={mode!r}, variant={variant!r}: expected last-layer|full, "
+                             "slice-balanced|worst-slice")
+        if reference_model is None and reference_model_path is not None:
+            reference_model = load_model(Path(reference_model_path))[0]
+        self.annotations, self.annotator, self.candidates = annotations, annotator, list(candidates)
+        self.similarity_name, self.clip_model, self.mode, self.variant = similarity, clip_model, mode, variant
+        self.reference, self.c_grid = reference_model, tuple(c_grid)
+
+    def train(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> TrainResult:
+        """Annotate (or read annotations), weigh the slices and train; ``extras`` holds the annotations, the
+        annotation budget (phrases), slice sizes and the selection rule.
+
+        Raises:
+            ValueError: no val rows (the errors to describe are validation errors), bad annotations.
+        """
+        check_rows(train_rows, "train_rows")
+        check_rows(val_rows, "val_rows")
+        reference = self.reference or ERMTrainer().train(train_rows, val_rows, config, seed).model
+        similarity = make_similarity(self.similarity_name, self.clip_model, config.device)
+        classes = list(dict.fromkeys(row["class_name"] for row in [*train_rows, *val_rows]))
+        if self.annotator == "file":
+            annotations = read_annotations(Path(self.annotations), classes)
+        else:
+            preds = predict_rows(reference, val_rows, config)
+            annotations = simulated_annotations(val_rows, preds, self.candidates, similarity,
+                                                "best" if self.annotator == "simulated" else "random", seed)
+        log.info("CLARIFY: %s", [(a.class_name, a.phrase, round(a.tau, 3)) for a in annotations])
+        train_slices = np.array(slice_names(train_rows, annotations, similarity))
+        val_slices = np.array(slice_names(val_rows, annotations, similarity))
+        weights = slice_weights([r["class_name"] for r in train_rows], train_slices)
+        k = num_classes(train_rows, val_rows)
+        extras = {"annotations": [asdict(a) for a in annotations], "budget": {"phrases": len(annotations)},
+                  "annotator": self.annotator, "similarity": similarity.identity, "mode": self.mode,
+                  "variant": self.variant, "selection": SELECTION,
+                  "train_slices": {s: int((train_slices == s).sum()) for s in np.unique(train_slices)}}
+        val_as_slices = [{**row, "group": s, "group_name": None} for row, s in zip(val_rows, val_slices)]
+        if self.variant == "worst-slice":
+            train_as_slices = [{**row, "group": s} for row, s in zip(train_rows, train_slices)]
+            result = GroupDROTrainer().train(train_as_slices, val_as_slices, config, seed)
+            return TrainResult(result.model, result.history, result.best_epoch, {**extras, **result.extras})
+        if self.mode == "full":
+            config = config.model_copy(update={"seed": seed})
+            model = build_model(config, k)
+            history, best = fit(model, train_rows, val_as_slices, config, seed, sample_weights=weights.tolist())
+            return TrainResult(model, history, best, extras)
+        return self._last_layer(reference, train_rows, val_rows, train_slices, val_slices, weights, config, k, seed, extras)
+
+    def _last_layer(self, reference, train_rows, val_rows, train_slices, val_slices, weights, config, k, seed, extras):
+        backbone = strip_head(reference)
+        unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        x_train, x_val = unit(embed(backbone, train_rows, config)), unit(embed(backbone, val_rows, config))
+        y_train = np.array([r["label"] for r in train_rows])
+        y_val = np.array([r["label"] for r in val_rows])
+        table, best = [], None
+        for c in self.c_grid:
+            clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x_train, y_train, sample_weight=weights)
+            worst, avg = _worst(clf.predict(x_val), y_val, val_slices)
+            table.append({"C": c, "val_worst_slice_acc": worst, "val_avg_acc": avg})
+            if best is None or (worst, avg) > (best[1]["val_worst_slice_acc"], best[1]["val_avg_acc"]):
+                best = (clf, table[-1])
+        clf = best[0]
+        w, b = clf.coef_, clf.intercept_
+        if k == 2 and w.shape[0] == 1:  # sklearn's one logit z for two classes: softmax([-z/2, z/2]) = sigmoid(z)
+            w, b = np.stack([-w[0] / 2, w[0] / 2]), np.array([-b[0] / 2, b[0] / 2])
+        head = nn.Linear(x_train.shape[1], k)
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(w).float())
+            head.bias.copy_(torch.from_numpy(b).float())
+        model = nn.Sequential(backbone, Normalize(), head).eval()
+        return TrainResult(model, [], None, {**extras, "c_table": table, "best_c": best[1]["C"]})

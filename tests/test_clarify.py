@@ -1,0 +1,136 @@
+"""CLARIFY: the error score, slice weights, annotation files, similarity backends (tiny CLIP) and the trainer."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import save_tiny_clip
+
+from aspire.config import ClassifierConfig
+from aspire.robust import make_trainer
+from aspire.robust.clarify import (
+    Annotation,
+    CaptionSimilarity,
+    ClipSimilarity,
+    error_score,
+    read_annotations,
+    simulated_annotations,
+    slice_names,
+    slice_weights,
+    write_annotations,
+)
+from aspire.phrases import BowEmbedder
+from aspire.robust.erm import ERMTrainer
+from aspire.synth import SynthConfig, draw_benchmark
+
+CONFIG = ClassifierConfig(arch="small-cnn", image_size=32, epochs=2, lr=0.05, batch_size=32, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    rows = draw_benchmark(SynthConfig(image_size=32, train_per_class=40, val_per_group=2, test_per_group=1),
+                          tmp_path_factory.mktemp("synth"))
+    return {split: [row for row in rows if row["split"] == split] for split in ("train", "val", "test")}
+
+
+def test_error_score_is_one_for_a_perfect_separator_and_near_zero_for_a_shuffled_one():
+    rng = np.random.default_rng(0)
+    errors = np.arange(400) < 100
+    sims = np.where(errors, 0.9, 0.1) + rng.normal(0, 0.01, 400)
+    score, tau = error_score(sims, errors)
+    assert score == pytest.approx(1.0) and sims[~errors].max() <= tau < sims[errors].min()
+    shuffled, _ = error_score(sims, rng.permutation(errors))
+    assert shuffled < 0.2
+    assert error_score(sims, np.zeros(400, bool)) == (0.0, pytest.approx(sims.max()))
+
+
+def test_error_score_at_a_given_tau_is_the_balanced_accuracy_there():
+    sims = np.array([0.1, 0.2, 0.6, 0.7, 0.8])
+    errors = np.array([False, True, True, False, True])
+    # tau 0.5: P(sim > tau | error) = 2/3, P(sim <= tau | correct) = 1/2 -> Acc 7/12, score 2 (7/12 - 1/2) = 1/6
+    assert error_score(sims, errors, tau=0.5) == (pytest.approx(1 / 6), 0.5)
+    best, tau = error_score(sims, errors)
+    assert best >= 1 / 6 and tau in sims
+
+
+def test_slice_weights_balance_the_slices_of_annotated_classes_only():
+    classes = ["dog"] * 10 + ["bird"] * 6
+    slices = ["dog|snow"] * 8 + ["dog|not snow"] * 2 + ["bird"] * 6
+    w = slice_weights(classes, slices)
+    assert w[:8].sum() == pytest.approx(w[8:10].sum()) == pytest.approx(5.0)  # half of the class's total each
+    assert np.allclose(w[10:], 1.0) and w.mean() == pytest.approx(1.0)
+
+
+def test_caption_similarity_and_slices(bench):
+    similarity = CaptionSimilarity(BowEmbedder())
+    rows = bench["val"][:12]
+    sims = similarity.scores(rows, ["snow"])[:, 0]
+    assert all((s > 0) == ("snow" in r["caption"]) for r, s in zip(rows, sims))
+    names = slice_names(rows, [Annotation("dog", "snow", 0.0)], similarity)
+    assert {n for r, n in zip(rows, names) if r["class_name"] != "dog"} <= {"bird", "car"}
+    assert all(n == ("dog|snow" if "snow" in r["caption"] else "dog|not snow")
+               for r, n in zip(rows, names) if r["class_name"] == "dog")
+    with pytest.raises(ValueError, match="needs a caption on every row"):
+        similarity.scores([{**rows[0], "caption": None}], ["snow"])
+
+
+def test_clip_similarity_loads_a_saved_clip_by_path(bench, tmp_path):
+    clip = ClipSimilarity(str(save_tiny_clip(tmp_path / "clip")), device="cpu")
+    sims = clip.scores(bench["val"][:3], ["snow", "a boat"])
+    assert sims.shape == (3, 2) and np.all(np.abs(sims) <= 1.0 + 1e-5)
+    assert np.allclose(clip.scores(bench["val"][1:2], ["a boat"]), sims[1:2, 1:], atol=1e-5)
+
+
+def test_annotations_round_trip_and_bad_files_name_the_entry(tmp_path):
+    path = tmp_path / "a.yaml"
+    kept = [Annotation("dog", "snow", 0.25, 0.8), Annotation("bird", "a sled", 0.1, 0.5)]
+    write_annotations(path, kept)
+    assert read_annotations(path, ["dog", "bird"]) == kept
+    path.write_text("annotations:\n  - {class: dog, phrase: snow, tau: 0.2}\n  - {class: cat, phrase: x, tau: 0.1}\n")
+    with pytest.raises(ValueError, match=r"a.yaml: annotation 2: class 'cat'"):
+        read_annotations(path, ["dog", "bird"])
+    path.write_text("annotations:\n  - {class: dog, phrase: snow, tau: high}\n")
+    with pytest.raises(ValueError, match=r"annotation 1: tau must be a number"):
+        read_annotations(path, ["dog"])
+    with pytest.raises(ValueError, match="no CLARIFY annotations file"):
+        read_annotations(tmp_path / "missing.yaml")
+
+
+def test_simulated_annotator_picks_the_phrase_that_predicts_errors(bench):
+    val = bench["val"]
+    # errors exactly on the dog images whose caption mentions snow: 'snow' must win over the other phrases
+    preds = [(r["label"] + 1) % 3 if r["class_name"] == "dog" and "snow" in r["caption"] else r["label"] for r in val]
+    found = simulated_annotations(val, preds, ["grass", "snow", "a boat"], CaptionSimilarity(BowEmbedder()))
+    assert [(a.class_name, a.phrase) for a in found] == [("dog", "snow")]
+    assert found[0].error_score == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("mode,variant", [("last-layer", "slice-balanced"), ("full", "slice-balanced"),
+                                          ("last-layer", "worst-slice")])
+def test_clarify_trainer_trains_on_annotated_slices(bench, tmp_path, mode, variant):
+    reference = ERMTrainer().train(bench["train"], bench["val"], CONFIG, seed=0).model
+    path = tmp_path / "ann.yaml"
+    write_annotations(path, [Annotation("dog", "snow", 0.0, 0.5)])
+    trainer = make_trainer("clarify", annotations=str(path), reference_model=reference, mode=mode, variant=variant)
+    result = trainer.train(bench["train"], bench["val"], CONFIG, seed=0)
+    assert result.extras["budget"] == {"phrases": 1}
+    assert set(result.extras["train_slices"]) == {"dog|snow", "dog|not snow", "bird", "car"}
+    logits = result.model(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 3)
+    if mode == "last-layer" and variant == "slice-balanced":
+        assert result.extras["best_c"] in (0.01, 0.1, 1.0, 10.0, 100.0) and len(result.extras["c_table"]) == 5
+        assert torch.equal(result.model[0].features[0].weight, reference.features[0].weight)  # frozen backbone
+
+
+def test_clarify_arguments_are_checked():
+    with pytest.raises(ValueError, match="needs an annotations file"):
+        make_trainer("clarify", annotator="file")
+    with pytest.raises(ValueError, match="needs candidate phrases"):
+        make_trainer("clarify", annotator="simulated")
