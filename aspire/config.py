@@ -46,10 +46,10 @@ class PretrainConfig(Section):
     """``classifier.weights: synthetic-pretrain``: the small CNN's backbone pretrained on a balanced synthetic corpus
     (:mod:`aspire.pretrain`), the CPU world's stand-in for ImageNet weights."""
 
-    classes: int = Field(10, ge=2, le=10, description="Pretraining shapes (classes), none of them a benchmark shape.")
-    images_per_class: int = Field(500, ge=2, description="Training images per shape (every shape on random backgrounds).")
-    epochs: int = Field(8, ge=1, description="Pretraining epochs.")
-    lr: float = Field(0.05, gt=0, description="Pretraining SGD learning rate.")
+    classes: int = Field(8, ge=2, le=10, description="Pretraining shapes (classes), none of them a benchmark shape.")
+    images_per_class: int = Field(400, ge=2, description="Training images per shape (every shape on random backgrounds).")
+    epochs: int = Field(10, ge=1, description="Pretraining epochs.")
+    lr: float = Field(0.003, gt=0, description="Pretraining SGD learning rate (0.01 and above stay at chance here).")
     seed: int = Field(0, ge=0, description="Seed of the corpus and of the pretraining run (fixed, like ImageNet weights).")
     cache: str | None = Field(None, description="Folder of the committed backbone (default $ASPIRE_CACHE or ~/.cache/aspire).")
 

@@ -9,7 +9,7 @@ pretrained on a corpus drawn here with
   :data:`aspire.synth.Shape`), each in a random colour per image, so colour is never a class cue;
 - every class on every background: each image's texture type and colours are drawn at random, independently of
   the class;
-- a distractor object (another pretraining shape, smaller) in half the images, independent of the class.
+- a distractor object (another pretraining shape, smaller) in 30% of the images, independent of the class.
 
 So the only thing that predicts the class is the shape's outline: the backbone learns edges, corners and
 curvature, which transfer to the benchmarks' circles, triangles and squares as ImageNet features transfer to
@@ -58,7 +58,10 @@ PRETRAIN_SHAPES: dict[str, list[tuple[float, float]]] = {
 }
 TEXTURES = ("noise", "hstripes", "vstripes", "waves", "dots", "checker")
 MAX_ROTATION_DEG = 30.0
-DISTRACTOR_RATE = 0.5
+DISTRACTOR_RATE = 0.3
+MIN_CONTRAST = 150.0
+TEXTURE_AMPLITUDE = 0.35
+"""Textures are drawn at this fraction of their contrast: the outline must be what the backbone learns first."""
 
 
 def _polygon(shape: str, cx: float, cy: float, radius: float, angle_deg: float) -> list[tuple[float, float]]:
@@ -71,20 +74,36 @@ def _color(rng: np.random.Generator) -> tuple[int, int, int]:
     return int(r), int(g), int(b)
 
 
+def _contrasting(rng: np.random.Generator, against: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """A random colour at least :data:`MIN_CONTRAST` (RGB distance) from every colour of ``against`` (the
+    texture's), so the shape's outline is always visible; after 20 misses, the inverse of the first."""
+    for _ in range(20):
+        color = _color(rng)
+        if min(np.linalg.norm(np.subtract(color, c)) for c in against) >= MIN_CONTRAST:
+            return color
+    r, g, b = against[0]
+    return 255 - r, 255 - g, 255 - b
+
+
 def draw_pretrain_image(rng: np.random.Generator, shape: str, shapes: list[str], size: int) -> Image.Image:
-    """One corpus image: a random texture in random colours, maybe a distractor shape, the class shape on top."""
-    texture = BackgroundSpec(name="any", texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
-                             colors=[_color(rng), _color(rng)], words=["any"])
-    image = Image.fromarray(draw_texture(rng, texture, size), mode="RGB")
+    """One corpus image: a random texture in random colours, maybe a distractor shape, the class shape on top (both
+    in colours that stand out from the texture)."""
+    palette = [_color(rng), _color(rng)]
+    texture = BackgroundSpec(name="any", texture=TEXTURES[int(rng.integers(len(TEXTURES)))], colors=palette,
+                             words=["any"])
+    pixels = draw_texture(rng, texture, size).astype(np.float64)
+    pixels = pixels.mean((0, 1)) + TEXTURE_AMPLITUDE * (pixels - pixels.mean((0, 1)))  # every texture, subdued
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(image)
     if rng.random() < DISTRACTOR_RATE:
         other = [s for s in shapes if s != shape][int(rng.integers(len(shapes) - 1))]
         radius = size * rng.uniform(*OBJECT_SIZE_RANGE) / 2
         cx, cy = rng.uniform(radius, size - radius, size=2)
-        draw.polygon(_polygon(other, cx, cy, radius, rng.uniform(-180, 180)), fill=_color(rng))
+        draw.polygon(_polygon(other, cx, cy, radius, rng.uniform(-180, 180)), fill=_contrasting(rng, palette))
     radius = size * rng.uniform(*CORE_SIZE_RANGE) / 2
     cx, cy = rng.uniform(radius, size - radius, size=2)
-    draw.polygon(_polygon(shape, cx, cy, radius, rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)), fill=_color(rng))
+    draw.polygon(_polygon(shape, cx, cy, radius, rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG)),
+                 fill=_contrasting(rng, palette))
     return image
 
 

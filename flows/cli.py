@@ -140,8 +140,12 @@ def train(config: Path = typer.Argument(..., help="YAML run config (after `aspir
     run_config = _load(config, set_ or [])
     from flows.train import train_flow
 
-    train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=method or ["erm"],
-               seeds=[int(s) for s in seeds.split(",")])
+    try:
+        train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=method or ["erm"],
+                   seeds=[int(s) for s in seeds.split(",")])
+    except ValueError as exc:  # e.g. SLIM answers or CLARIFY annotations missing: one line, the file named
+        typer.secho(str(exc).splitlines()[0], fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
     typer.echo((run_config.workdir / "robust.md").read_text())
     typer.echo(f"table: {run_config.workdir / 'robust.md'} (also in {run_config.workdir / 'report.md'})")
 
@@ -160,6 +164,25 @@ def clarify(config: Path = typer.Argument(..., help="YAML run config (after `asp
 
     try:
         clarify_session(run_config, annotator, ask=_ask, say=typer.echo)
+    except ValueError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def slim(config: Path = typer.Argument(..., help="YAML run config (after `aspire run`)."),
+         annotator: str = typer.Option("person", help="person (you answer the CSV) or simulated (answers from the "
+                                       "object boxes, for benchmarks)."),
+         set_: Optional[list[str]] = SetOption) -> None:
+    """SLIM's interface: images with the reference model's heat map to answer yes / no (is it on the object?)."""
+    run_config = _load(config, set_ or [])
+    if annotator not in ("person", "simulated"):
+        typer.secho(f"--annotator {annotator!r}: expected person or simulated", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    from flows.annotate import slim_session
+
+    try:
+        slim_session(run_config, annotator, say=typer.echo)
     except ValueError as exc:
         typer.secho(str(exc), fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc

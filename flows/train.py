@@ -99,7 +99,7 @@ def train_task(store: StageStore, method: str, seed: int, data: str, rows: list[
         (tmp / RESULT).write_text(json.dumps(record, indent=1))
         return {}
 
-    name = f"{method}-seed{seed}-{data}"
+    name = f"{method}-seed{seed}-{data}-{digest(trainer_args)[:8]}"  # each setting its own part: controls coexist
     annotations = Path(trainer_args.get("annotations") or "")
     edited = file_digest(annotations) if trainer_args.get("annotator") == "file" and annotations.is_file() else None
     store.ensure_part(name, write, digest([trainer_args, digest(rows), edited]), checked_files=(RESULT,))

@@ -13,6 +13,7 @@ from aspire.robust.dfr import DFRTrainer
 from aspire.robust.erm import ERMTrainer
 from aspire.robust.group_dro import GroupDROTrainer
 from aspire.robust.jtt import JTTTrainer, grid_search
+from aspire.robust.slim import SLIMTrainer
 
 TRAINERS: dict[str, type[Trainer]] = {
     "erm": ERMTrainer,
@@ -20,6 +21,7 @@ TRAINERS: dict[str, type[Trainer]] = {
     "dfr": DFRTrainer,
     "groupdro": GroupDROTrainer,
     "clarify": CLARIFYTrainer,
+    "slim": SLIMTrainer,
 }
 
 
@@ -41,6 +43,7 @@ __all__ = [
     "ERMTrainer",
     "GroupDROTrainer",
     "JTTTrainer",
+    "SLIMTrainer",
     "TrainResult",
     "Trainer",
     "evaluate",
