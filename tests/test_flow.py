@@ -280,3 +280,40 @@ def test_retrain_stage_with_a_robust_method(run_config, tmp_path):
     assert again["stages"]["retrain"]["cached"] and again["after"] == report["after"]
     dfr = run(run_config, "retrain.method=dfr")  # a new head on the classifier stage's ERM backbone
     assert dfr["after"] is not None and not dfr["stages"]["retrain"]["cached"]
+
+
+def test_clarify_and_slim_ask_the_person_then_train_from_the_files(run_config, tmp_path):
+    from flows.cli import app
+
+    run(run_config, until="extract")
+    workdir = tmp_path / "run"
+    answers = workdir / "slim" / "val" / "annotations.csv"
+    slim_args = ["--set", "retrain.slim_queries=6", "--set", "retrain.slim_budget=0.5"]
+    # Training SLIM before anyone answered: one line naming the file, the queries written for the person.
+    result = CliRunner().invoke(app, ["train", str(run_config), "--method", "slim", *slim_args])
+    assert result.exit_code == 2 and str(answers) in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["slim", str(run_config), *slim_args])
+    assert result.exit_code == 0, result.output
+    assert (answers.parent / "queries-001.png").is_file() and (answers.parent / "README.txt").is_file()
+    lines = answers.read_text().splitlines()
+    assert lines[0] == "image_id,class,answer" and len(lines) == 7 and all(l.endswith(",") for l in lines[1:])
+    answers.write_text("\n".join([lines[0]] + [l + ("yes" if i % 2 else "no") for i, l in enumerate(lines[1:])]) + "\n")
+    result = CliRunner().invoke(app, ["train", str(run_config), "--method", "slim", *slim_args])
+    assert result.exit_code == 0, result.output
+    slim_run = [r for r in json.loads((workdir / "robust.json").read_text())["runs"] if r["method"] == "slim"][0]
+    assert slim_run["budget"] == {"answers": 6} and slim_run["selection"] == "none: last-layer fit"
+
+    # CLARIFY: the person types two phrases for the first class, sets tau for one, keeps the best; skips the rest.
+    typed = "snow\nsled @ 0.05\n\nskip\nskip\n"
+    result = CliRunner().invoke(app, ["clarify", str(run_config)], input=typed)
+    assert result.exit_code == 0, result.output
+    assert "error score" in result.output and "kept:" in result.output
+    montages = sorted((workdir / "clarify").glob("montage-*.png"))
+    assert [m.stem for m in montages] == ["montage-bird", "montage-car", "montage-dog"]
+    saved = (workdir / "clarify" / "annotations.yaml").read_text()
+    assert saved.count("- class:") == 1 and ("phrase: snow" in saved or "phrase: sled" in saved)
+    result = CliRunner().invoke(app, ["train", str(run_config), "--method", "clarify"])
+    assert result.exit_code == 0, result.output
+    clarify_run = [r for r in json.loads((workdir / "robust.json").read_text())["runs"] if r["method"] == "clarify"][0]
+    assert clarify_run["budget"] == {"phrases": 1} and "no group labels" in clarify_run["selection"]
+    assert "CLARIFY (original): annotation budget 1 phrases" in (workdir / "robust.md").read_text()
