@@ -77,6 +77,8 @@ def test_caption_similarity_and_slices(bench):
     assert {n for r, n in zip(rows, names) if r["class_name"] != "dog"} <= {"bird", "car"}
     assert all(n == ("dog|snow" if "snow" in r["caption"] else "dog|not snow")
                for r, n in zip(rows, names) if r["class_name"] == "dog")
+    generated = {**rows[0], "class_name": "dog", "source": "generated", "caption": None}  # no caption needed
+    assert slice_names([generated], [Annotation("dog", "snow", 0.0)], similarity) == ["dog|generated"]
     with pytest.raises(ValueError, match="needs a caption on every row"):
         similarity.scores([{**rows[0], "caption": None}], ["snow"])
 

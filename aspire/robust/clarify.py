@@ -225,10 +225,12 @@ def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candida
 
 
 def slice_names(rows: Sequence[Row], annotations: Sequence[Annotation], similarity) -> list[str]:
-    """Per row ``<class>|<phrase>`` (sim > tau) or ``<class>|not <phrase>`` for annotated classes, else ``<class>``."""
-    names = [str(row["class_name"]) for row in rows]
+    """Per row ``<class>|<phrase>`` (sim > tau) or ``<class>|not <phrase>`` for annotated classes, else ``<class>``;
+    generated rows (``source == "generated"``) are their own slice ``<class>|generated`` (ASPIRE App. A.4)."""
+    names = [f"{row['class_name']}|generated" if row.get("source") == "generated" else str(row["class_name"])
+             for row in rows]
     for a in annotations:
-        mine = [i for i, row in enumerate(rows) if row["class_name"] == a.class_name]
+        mine = [i for i, row in enumerate(rows) if row["class_name"] == a.class_name and row.get("source") != "generated"]
         if not mine:
             continue
         sims = similarity.scores([rows[i] for i in mine], [a.phrase])[:, 0]

@@ -534,6 +534,8 @@ class SLIMTrainer(Trainer):
         """
         # 1. The pool and the reference model (selected without group labels, like everything in SLIM).
         check_rows(train_rows, "train_rows")
+        generated = [row for row in train_rows if row.get("source") == "generated"]  # ASPIRE App. A.4: they join
+        train_rows = [row for row in train_rows if row.get("source") != "generated"]  # the curated set as they are
         if self.mode == "val":
             check_rows(val_rows, "val_rows")
         pool = list(train_rows if self.mode == "train" else val_rows)
@@ -549,7 +551,7 @@ class SLIMTrainer(Trainer):
             extras = {"mode": self.mode, "n_queries": 0, "answers": {}, "curated_size": len(chosen),
                       "curated_ids": [pool[i]["image_id"] for i in chosen], "budget": {"answers": 0}}
             return self._fit(reference, [pool[i] for i in chosen], labels[chosen], train_rows, val_rows, val_plain,
-                             config, seed, extras, history, best_epoch)
+                             config, seed, extras, history, best_epoch, generated)
         # 2. Attention space and queries.
         maps, cams = gradcam_rows(reference, pool, config)
         f_a, f_abar = attention_features(maps, cams)
@@ -569,12 +571,16 @@ class SLIMTrainer(Trainer):
                   "allocation": [{"class": c, "core": ci, "env": ej, "n": n} for (c, ci, ej), n in allocation.items()],
                   "budget": {"answers": counts.get("yes", 0) + counts.get("no", 0) + counts.get("unsure", 0)}}
         return self._fit(reference, curated, labels[chosen], train_rows, val_rows, val_plain, config, seed, extras,
-                         history, best_epoch)
+                         history, best_epoch, generated)
 
     def _fit(self, reference, curated, curated_labels, train_rows, val_rows, val_plain, config, seed, extras,
-             history, best_epoch) -> TrainResult:
-        """5. Training on the curated rows: ERM (mode train) or the reference model's last layer (mode val)."""
+             history, best_epoch, generated) -> TrainResult:
+        """5. Training on the curated rows plus the generated ones: ERM (mode train) or the reference model's last
+        layer (mode val)."""
         k = num_classes(train_rows, val_rows)
+        extras["generated_added"] = len(generated)
+        curated = [*curated, *generated]
+        curated_labels = np.concatenate([curated_labels, [row["label"] for row in generated]]).astype(int)
         if self.mode == "train":
             config = config.model_copy(update={"seed": seed})
             model = build_model(config, k)
