@@ -13,6 +13,7 @@ from aspire.robust.clarify import (
     ClipSimilarity,
     error_score,
     read_annotations,
+    score_phrases,
     simulated_annotations,
     slice_names,
     slice_weights,
@@ -112,6 +113,16 @@ def test_simulated_annotator_picks_the_phrase_that_predicts_errors(bench):
     found = simulated_annotations(val, preds, ["grass", "snow", "a boat"], CaptionSimilarity(BowEmbedder()))
     assert [(a.class_name, a.phrase) for a in found] == [("dog", "snow")]
     assert found[0].error_score == pytest.approx(1.0)
+    # errors on dog images in snow or on grass (any wording): the simulated person adds terms while the score rises
+    wrong = lambda r: r["class_name"] == "dog" and r["scene"] in ("snow", "grass")  # noqa: E731
+    preds = [(r["label"] + 1) % 3 if wrong(r) else r["label"] for r in val]
+    similarity = CaptionSimilarity(BowEmbedder())
+    words = ["snow", "snowy", "grass", "lawn", "green field", "a boat"]
+    (found,) = simulated_annotations(val, preds, words, similarity)
+    alone = [a for a in simulated_annotations(val, preds, words, similarity, pick="random") if a.class_name == "dog"][0]
+    single = max(s for _, s, _ in score_phrases(val, preds, "dog", words, similarity))
+    assert len(found.phrase.split(", ")) >= 2 and found.error_score > single
+    assert ", " not in alone.phrase  # the control: one random candidate
 
 
 @pytest.mark.parametrize("mode,variant", [("last-layer", "slice-balanced"), ("full", "slice-balanced"),

@@ -52,6 +52,8 @@ from aspire.robust.group_dro import GroupDROTrainer
 log = logging.getLogger(__name__)
 
 SIMILARITIES = ("caption-bow", "caption-minilm", "clip")
+MAX_TERMS = 4
+"""The simulated person's longest phrase: at most this many comma-separated terms ("water, lake, sea")."""
 SELECTION = "worst validation-slice accuracy (slices from the annotations; no group labels)"
 
 
@@ -205,20 +207,40 @@ def score_phrases(rows: Sequence[Row], preds: Sequence[int], class_name: str, ph
 
 def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candidates: Sequence[str], similarity,
                           pick: Literal["best", "random"] = "best", seed: int = 0) -> list[Annotation]:
-    """The simulated annotator: per class with errors, the best-scoring candidate phrase (``pick: best``, the
-    stand-in for a person) or a random one (``random``: the control of the same budget); tau by the score. Classes
-    whose best phrase scores 0 are left unannotated."""
+    """The simulated annotator: per class with errors, the best-scoring candidate phrase refined as a person would
+    (:func:`refine`; ``pick: best``), or one random candidate (``random``: the control of the same budget, one phrase
+    per class); tau by the score. Classes whose best phrase scores 0 are left unannotated."""
     rng = np.random.default_rng(seed)
+    candidates = list(dict.fromkeys(candidates))
     found = []
     for name in dict.fromkeys(row["class_name"] for row in val_rows):
-        scored = score_phrases(val_rows, preds, name, list(dict.fromkeys(candidates)), similarity)
+        scored = score_phrases(val_rows, preds, name, candidates, similarity)
         if not scored:
             continue
-        choice = max(scored, key=lambda s: s[1]) if pick == "best" else scored[int(rng.integers(len(scored)))]
-        if pick == "best" and choice[1] <= 0:
-            continue
+        if pick == "random":
+            choice = scored[int(rng.integers(len(scored)))]
+        else:
+            choice = refine(max(scored, key=lambda s: s[1]), val_rows, preds, name, candidates, similarity)
+            if choice[1] <= 0:
+                continue
         found.append(Annotation(name, choice[0], choice[2], choice[1]))
     return found
+
+
+def refine(start: tuple[str, float, float], val_rows: Sequence[Row], preds: Sequence[int], class_name: str,
+           candidates: Sequence[str], similarity, max_terms: int = MAX_TERMS) -> tuple[str, float, float]:
+    """What a person at the prompt does: type a phrase, read its score, add another word ("water, lake") while the
+    score goes up. Greedy: the candidate whose addition raises the error score most, up to ``max_terms`` terms."""
+    best = start
+    for _ in range(max_terms - 1):
+        used = set(best[0].split(", "))
+        longer = [f"{best[0]}, {c}" for c in candidates if c not in used]
+        scored = score_phrases(val_rows, preds, class_name, longer, similarity)
+        top = max(scored, key=lambda s: s[1], default=None)
+        if top is None or top[1] <= best[1]:
+            break
+        best = top
+    return best
 
 
 # -- slices and weights --------------------------------------------------------------------------------------------
