@@ -78,6 +78,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _cell(value: Any) -> str:
+    """A markdown table cell: group names such as ``2:dog|snow|+sled`` hold ``|``, which would split the cell."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
 def _spurious_section(report: dict[str, Any]) -> list[str]:
     lines = ["", "## Spurious features found (top-k groups of phrases whose edits flipped the prediction)", ""]
     planted = report.get("planted_found") or {}
@@ -96,7 +101,7 @@ def _spurious_section(report: dict[str, Any]) -> list[str]:
             if planted:
                 found = planted.get(name, {})
                 cells += ([str(found.get("object")), str(found.get("background"))] if rank == 1 else ["", ""])
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     for name in report.get("no_spurious_found") or []:
         lines.append(f"\n**{name}: no spurious feature found** (no group passes the rule).")
     lines += ["", "Flipped / tried edits per phrase (most flips first):", ""]
@@ -119,12 +124,12 @@ def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str 
     before, after = report.get("before"), report.get("after")
     if before:
         lines += ["", "## Test accuracy before and after augmentation", "", "| | average | worst group |", "|---|---|---|",
-                  f"| before (ERM) | {_pct(before['avg_acc'])} | {_pct(before['worst_group_acc'])} ({before['worst_group']}) |"]
+                  f"| before (ERM) | {_pct(before['avg_acc'])} | {_pct(before['worst_group_acc'])} ({_cell(before['worst_group'])}) |"]
         if after:
             lines.append(f"| after (retrained on the augmented set) | {_pct(after['avg_acc'])} | "
-                         f"{_pct(after['worst_group_acc'])} ({after['worst_group']}) |")
+                         f"{_pct(after['worst_group_acc'])} ({_cell(after['worst_group'])}) |")
         lines += ["", "| group | before | after |", "|---|---|---|"]
-        lines += [f"| {g} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
+        lines += [f"| {_cell(g)} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
         worse = report.get("worse_groups") or {}
         lines += ["", f"Groups more than {100 * WORSE_BY:.0f} points worse after augmentation (a new shortcut?): "
                   + (", ".join(f"{g} {_pct(b)} -> {_pct(a)}" for g, (b, a) in worse.items()) or "none")]
@@ -138,7 +143,7 @@ def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str 
         lines += [""] + render_robust(report["robust"], level="##")
     if report["quarantine"]:
         lines += ["", "## Quarantine", "", "| path | reason |", "|---|---|"]
-        lines += [f"| {q['path']} | {q['reason']} |" for q in report["quarantine"]]
+        lines += [f"| {_cell(q['path'])} | {_cell(q['reason'])} |" for q in report["quarantine"]]
     return "\n".join(lines) + "\n"
 
 
@@ -257,7 +262,7 @@ def render_robust(robust: dict[str, Any], level: str = "#") -> list[str]:
                        f"model selection: {l.get('selection', 'n/a')}.")
     groups = list(dict.fromkeys(g for l in lines for g in l.get("per_group", {})))
     if groups:
-        header = " | ".join(g.replace("|", "\\|") for g in groups)  # group names may hold "|"
+        header = " | ".join(_cell(g) for g in groups)
         out += ["", f"{level}# Per-group test accuracy (%, mean over seeds)", "",
                 "| method | data | " + header + " |", "|---|---|" + "---|" * len(groups)]
         out += [f"| {METHOD_NAMES.get(l['method'], l['method'])} | {l['data']} | "

@@ -31,3 +31,33 @@ def test_report_shows_the_rule_flip_rates_and_the_classes_without_a_feature():
     assert "Rule: RULE" in text and "| cat | 1 | 12 / 40 | 30.0% | 80.0% / 10.0% | yes | ball |" in text
     assert "| cat | 2 | 6 / 200 | 3.0% | n/a / n/a | no | grass |" in text
     assert "**fox: no spurious feature found**" in text and "cat/grass 100.0% -> 50.0%" in text
+
+
+def test_tables_keep_their_cells_when_group_names_hold_pipes():
+    from markdown_it import MarkdownIt
+
+    from aspire.report import render_robust
+
+    before = evaluation({"2:dog|snow|+sled": 0.0, "3:dog|water|-sled": 0.5})
+    after = evaluation({"2:dog|snow|+sled": 0.8, "3:dog|water|-sled": 0.9})
+    text = render_markdown(build_report({"holdout": {"before": {"test": before}}, "retrain": {"after": {"test": after}}}))
+    robust = {"grouping": {"original": {"groups": "labels"}},
+              "lines": [{"method": "erm", "data": "original", "seeds": 1, "avg_acc": 0.5, "avg_std": 0.0,
+                         "worst_group_acc": 0.0, "worst_std": 0.0, "per_group": before["per_group"]}]}
+    text += "\n\n" + "\n".join(render_robust(robust))
+    tokens = MarkdownIt().enable("table").parse(text)
+    rows, cells = [], 0
+    for token in tokens:
+        if token.type == "tr_open":
+            cells = 0
+        elif token.type in ("td_open", "th_open"):
+            cells += 1
+        elif token.type == "tr_close":
+            rows.append(cells)
+    headers = [i for i, t in enumerate(tokens) if t.type == "thead_open"]
+    assert len(headers) >= 3 and rows  # the accuracy table, the per-group table, the robust tables
+    inline = [t.content for t in tokens if t.type == "inline"]
+    assert "2:dog|snow|+sled" in inline and "0.0% (2:dog|snow|+sled)" in inline  # one cell, the pipes kept
+    per_group = [row for row in rows if row == 3]
+    assert len(per_group) >= 3  # group | before | after, for the header and both groups
+    assert "80.0%" in inline and "90.0%" in inline  # the after numbers did not fall out of their cells
