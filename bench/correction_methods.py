@@ -2,7 +2,7 @@
 scratch and on the synthetic-pretrain backbone, with the controls of the same annotation budget.
 
 Usage: .venv/bin/python bench/correction_methods.py [--root DIR] [--draws d01_demo,d03_four_classes]
-       [--seeds 0,1,2] [--backbones pretrained,scratch]
+       [--seeds 0,1,2] [--backbones pretrained,scratch] [--arms erm,dfr,...]
 
 Per draw (``configs/suite/``, the demo's settings) and backbone, ``aspire run`` goes as far as the extract stage
 (the reference ERM model and the extracted phrases that CLARIFY's simulated annotator chooses from), then
@@ -43,7 +43,7 @@ ARMS = {  # name -> (trainer method, extra overrides)
 SCRATCH_ARMS = ("erm", "jtt", "dfr", "groupdro", "clarify", "slim")
 
 
-def run(draws: list[Path], seeds: list[int], backbones: list[str], root: Path) -> dict:
+def run(draws: list[Path], seeds: list[int], backbones: list[str], root: Path, arms: list[str]) -> dict:
     from flows.aspire import aspire_flow
     from flows.train import train_flow
 
@@ -58,7 +58,7 @@ def run(draws: list[Path], seeds: list[int], backbones: list[str], root: Path) -
             print(f"{draw.stem}/{backbone}: reference model and extraction in {time.perf_counter() - start:.0f} s", flush=True)
             for seed in seeds:  # seed-major: a shortened run still has every arm of the first seeds
                 for arm, (method, extra) in ARMS.items():
-                    if backbone == "scratch" and arm not in SCRATCH_ARMS:
+                    if arm not in arms or (backbone == "scratch" and arm not in SCRATCH_ARMS):
                         continue
                     key = f"{draw.stem}/{backbone}/{arm}/{seed}"
                     if key in results:
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--draws", default="d01_demo,d03_four_classes,d06_made_up_words_08")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--backbones", default="pretrained,scratch")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
     args = parser.parse_args()
     draws = [SUITE / f"{name}.yaml" for name in args.draws.split(",")]
     missing = [d for d in draws if not d.is_file()]
@@ -114,7 +115,11 @@ def main() -> None:
     backbones = args.backbones.split(",")
     args.root.mkdir(parents=True, exist_ok=True)
     prefect_defaults()
-    results = run(draws, seeds, backbones, args.root.resolve())
+    arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown arm {unknown[0]!r}; arms: {', '.join(ARMS)}")
+    results = run(draws, seeds, backbones, args.root.resolve(), arms)
     text = table(results, draws, seeds, backbones)
     (args.root / "corrections.md").write_text(text)
     print(text)
