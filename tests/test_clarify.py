@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from tiny_models import save_tiny_clip
+from tiny_models import draw_splits, save_tiny_clip
 
 from aspire.config import ClassifierConfig
 from aspire.robust import make_trainer
@@ -21,24 +21,17 @@ from aspire.robust.clarify import (
 )
 from aspire.phrases import BowEmbedder
 from aspire.robust.erm import ERMTrainer
-from aspire.synth import SynthConfig, draw_benchmark
 
 CONFIG = ClassifierConfig(arch="small-cnn", image_size=32, epochs=2, lr=0.05, batch_size=32, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread on the shared CPU
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    rows = draw_benchmark(SynthConfig(image_size=32, train_per_class=40, val_per_group=2, test_per_group=1),
-                          tmp_path_factory.mktemp("synth"))
-    return {split: [row for row in rows if row["split"] == split] for split in ("train", "val", "test")}
+    return draw_splits(tmp_path_factory.mktemp("synth"), image_size=32, train_per_class=40, val_per_group=2,
+                       test_per_group=1)
 
 
 def test_error_score_is_one_for_a_perfect_separator_and_near_zero_for_a_shuffled_one():

@@ -28,7 +28,7 @@ from aspire.robust.slim import (
     spread_labels,
     write_queries,
 )
-from aspire.synth import SynthConfig, draw_benchmark
+from tiny_models import draw_splits
 
 CONFIG = ClassifierConfig(arch="small-cnn", image_size=32, epochs=1, lr=0.05, batch_size=32, device="cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread on the shared CPU
@@ -37,9 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     """3 classes, 30 train images each; val: one image per class x background x object group (24)."""
-    rows = draw_benchmark(SynthConfig(image_size=32, train_per_class=30, val_per_group=1, test_per_group=1),
-                          tmp_path_factory.mktemp("synth"))
-    return {split: [row for row in rows if row["split"] == split] for split in ("train", "val", "test")}
+    return draw_splits(tmp_path_factory.mktemp("synth"), image_size=32, train_per_class=30, val_per_group=1,
+                       test_per_group=1)
 
 
 @pytest.fixture(scope="module")

@@ -66,3 +66,11 @@ def save_tiny_clip(folder: Path) -> Path:
     clip.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def draw_splits(folder: Path, **synth: object) -> dict[str, list[dict]]:
+    """A synthetic benchmark (``aspire.synth.SynthConfig(**synth)``) drawn into ``folder``, rows by split."""
+    from aspire.synth import SynthConfig, draw_benchmark
+
+    rows = draw_benchmark(SynthConfig(**synth), folder)
+    return {split: [row for row in rows if row["split"] == split] for split in ("train", "val", "test")}
