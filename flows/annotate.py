@@ -93,6 +93,8 @@ def clarify_session(config: RunConfig, annotator: str = "person", ask: Callable[
                 say(f"{name}: no validation errors, nothing to describe")
                 continue
             annotations += _ask_class(name, val, preds, similarity, found.phrases, ask, say)
+    if not annotations:
+        raise ValueError(f"no annotation kept (every class skipped or no input); {out} left as it was")
     write_annotations(out, annotations, note=f"reference model: {found.erm_model}; similarity: {similarity.identity}; "
                                              f"annotator: {annotator}")
     for a in read_annotations(out, classes):
