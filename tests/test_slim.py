@@ -128,6 +128,10 @@ def test_curate_screens_splits_over_classes_and_keeps_a_screened_out_class():
     assert set(chosen) - {0, 1, 2, 3, 4} == {17, 18, 19}  # 3 screened-in rows of class 0, class 1's 3 most likely
     assert {c for c, _, _ in allocation} == {0, 1}
     assert curate(prob, 0.5, f_a, f_abar, labels, 6, 2, 2, seed=0) == (chosen, allocation)
+    # class 1 keeps one row above the threshold: topped up to its share of 3, not starved to 1
+    prob[19] = 0.6
+    chosen, _ = curate(prob, 0.5, f_a, f_abar, labels, budget=6, n_core=2, n_env=2, seed=0)
+    assert sum(labels[chosen] == 1) == 3 and set(chosen) - {0, 1, 2, 3, 4} == {17, 18, 19}
 
 
 def test_select_queries_takes_the_row_nearest_each_centre_per_class():

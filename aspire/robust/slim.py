@@ -299,8 +299,9 @@ def curate(space_prob: np.ndarray, screen_threshold: float, f_a: np.ndarray, f_a
            budget: int, n_core: int, n_env: int, seed: int) -> tuple[list[int], dict[tuple[int, int, int], int]]:
     """The curated subset (Sec. 4.3): screening, then per class core/environment clustering and Eq. 3-6.
 
-    1. Screening keeps rows with ``space_prob >= screen_threshold``; a class that would lose every row keeps
-       its ``ceil(budget / K)`` rows of highest probability instead.
+    1. Screening keeps rows with ``space_prob >= screen_threshold``; a class left with fewer rows than its share
+       of the budget, ``ceil(budget / K)``, keeps that many rows of highest probability instead (the curated set
+       stays class-balanced, as the paper intends, when the reference model attends wrongly on most of a class).
     2. The budget is split equally over the classes (:func:`even_split` over the kept rows): the paper balances
        core features, and the classes are the coarsest of them.
     3. Per class: ``n_core`` k-means clusters of ``F_A`` and ``n_env`` of ``F_Abar`` (both clipped to the
@@ -323,10 +324,11 @@ def curate(space_prob: np.ndarray, screen_threshold: float, f_a: np.ndarray, f_a
     for c in classes:
         idx = np.flatnonzero(labels == c)
         passed = idx[space_prob[idx] >= screen_threshold]
-        if len(passed) == 0:
-            passed = idx[np.argsort(-space_prob[idx], kind="stable")[: -(-budget // len(classes))]]
-            log.warning("SLIM: every row of class %s was screened out; keeping its %d most likely correct",
-                        c, len(passed))
+        share = min(len(idx), -(-budget // len(classes)))
+        if len(passed) < share:  # never starve a class: top it up with its most likely correct rows
+            passed = idx[np.argsort(-space_prob[idx], kind="stable")[:share]]
+            log.warning("SLIM: screening left class %s fewer rows than its share; keeping its %d most likely "
+                        "correct", c, len(passed))
         kept.append(passed)
     chosen: list[int] = []
     allocation: dict[tuple[int, int, int], int] = {}
