@@ -157,8 +157,7 @@ def pretrained_backbone(config: ClassifierConfig) -> dict[str, torch.Tensor]:
                  "committed to %s", pretrain.classes, pretrain.images_per_class, pretrain.epochs, store.root)
         corpus = tmp / "corpus"
         rows = draw_corpus(pretrain, config.image_size, corpus)
-        train_config = config.model_copy(update={"epochs": pretrain.epochs, "lr": pretrain.lr, "seed": pretrain.seed,
-                                                 "weights": None})
+        train_config = config.model_copy(update={"epochs": pretrain.epochs, "lr": pretrain.lr, "seed": pretrain.seed})
         with torch.random.fork_rng():
             torch.manual_seed(pretrain.seed)
             model = SmallCNN(pretrain.classes)

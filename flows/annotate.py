@@ -135,33 +135,21 @@ def slim_session(config: RunConfig, annotator: str = "person", say: Callable[[st
     rows for ``val``), ``retrain.slim_queries`` images chosen by k-means in the attention space, written as
     (image | heat map) grids with ``annotations.csv`` to fill in. ``annotator: simulated`` fills the answers from
     the object boxes (for the demo and benchmarks); the person answers otherwise."""
-    from aspire.robust.slim import (
-        attention_features,
-        attention_space,
-        core_box,
-        gradcam_rows,
-        select_queries,
-        simulated_answers,
-        write_queries,
-    )
+    from aspire.robust.slim import attention_queries, simulate_queries, write_queries
 
     found, model, val = _reference(config)
     retrain = config.retrain
     pool = val if retrain.slim_mode == "val" else [r for r in found.datasets["original"] if r["split"] == "train"]
     out = retrain.annotation_path("slim", config.workdir)
     say(f"SLIM_{retrain.slim_mode}: GradCAM of the reference model on {len(pool)} rows ...")
-    maps, cams = gradcam_rows(model, pool, config.classifier)
-    f_a, _ = attention_features(maps, cams)
-    space = attention_space(f_a, retrain.seed or 0)
-    queries = select_queries(space, np.array([r["label"] for r in pool]), retrain.slim_queries, retrain.seed or 0)
-    written = write_queries(out.parent, pool, queries, cams, config.classifier)
+    att = attention_queries(model, pool, config.classifier, retrain.slim_queries, retrain.seed or 0)
+    queries = att.queries
+    written = write_queries(out.parent, pool, queries, att.cams, config.classifier)
     if written != out:  # a custom retrain.slim_annotations path: the person fills that one
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(written.read_text())
     if annotator == "simulated":
-        sizes = [load_rgb(pool[i]["path"]).size for i in queries]
-        said = simulated_answers(cams[queries], [core_box(pool[i]) for i in queries], sizes, retrain.slim_flip_rate,
-                                 retrain.seed or 0)
+        said = simulate_queries(pool, queries, att.cams, retrain.slim_flip_rate, retrain.seed or 0)
         lines = ["image_id,class,answer"] + [f"{pool[i]['image_id']},{pool[i]['class_name']},{'yes' if s else 'no'}"
                                              for i, s in zip(queries, said)]
         out.write_text("\n".join(lines) + "\n")

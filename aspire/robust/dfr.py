@@ -100,11 +100,7 @@ class DFRTrainer(Trainer):
             subset = balanced_subset(groups, rng)
             subsets.append([val_rows[j]["image_id"] for j in subset])
             fits.append(fit_l1((x[subset] - mean) / std, y[subset], best_c, k, seed + i))
-        w, b = np.mean([f[0] for f in fits], 0), np.mean([f[1] for f in fits], 0)
-        head = nn.Linear(x.shape[1], k)
-        with torch.no_grad():  # fold the standardisation into the head: w (x - m) / s + b
-            head.weight.copy_(torch.from_numpy(w / std).float())
-            head.bias.copy_(torch.from_numpy(b - (w / std) @ mean).float())
+        head = linear_head(np.mean([f[0] for f in fits], 0), np.mean([f[1] for f in fits], 0), mean, std)
         log.info("DFR: C=%s, %d refits on %d balanced rows each", best_c, self.n_refits, len(subsets[0]))
         model = nn.Sequential(backbone, head).eval()
         return TrainResult(model, history, best_epoch, {"c_table": table, "best_c": best_c, "refit_subsets": subsets})
@@ -162,9 +158,26 @@ def fit_l1(x: np.ndarray, y: np.ndarray, c: float, k: int, seed: int) -> tuple[n
     clf = OneVsRestClassifier(LogisticRegression(l1_ratio=1.0, solver="liblinear", C=c, random_state=seed)).fit(x, y)
     w = np.concatenate([e.coef_ for e in clf.estimators_])  # (K, D), or (1, D) for two classes
     b = np.concatenate([e.intercept_ for e in clf.estimators_])
-    if k == 2:  # one logit z: softmax([-z/2, z/2]) = sigmoid(z)
-        w, b = np.stack([-w[0] / 2, w[0] / 2]), np.array([-b[0] / 2, b[0] / 2])
+    return per_class_logits(w, b, k)
+
+
+def per_class_logits(w: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K, D) weights and (K,) biases from a scikit-learn linear model's, which has one logit z for two classes:
+    softmax([-z/2, z/2]) = sigmoid(z)."""
+    if k == 2 and w.shape[0] == 1:
+        return np.stack([-w[0] / 2, w[0] / 2]), np.array([-b[0] / 2, b[0] / 2])
     return w, b
+
+
+def linear_head(w: np.ndarray, b: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> nn.Linear:
+    """An ``nn.Linear`` computing ``w (x - mean) / std + b``: a head fitted on standardised features, folded."""
+    if mean is not None and std is not None:
+        w, b = w / std, b - (w / std) @ mean
+    head = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(w).float())
+        head.bias.copy_(torch.from_numpy(b).float())
+    return head
 
 
 def worst_group(hits: np.ndarray, groups: np.ndarray) -> float:

@@ -31,6 +31,7 @@ import csv
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,7 +50,7 @@ from aspire.config import ClassifierConfig
 from aspire.images import load_rgb
 from aspire.manifest import Row
 from aspire.robust.base import IndexedRows, Trainer, TrainResult, check_rows, fit, num_classes
-from aspire.robust.dfr import embed, strip_head
+from aspire.robust.dfr import embed, linear_head, per_class_logits, strip_head
 from aspire.robust.erm import ERMTrainer
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,29 @@ def attention_space(f_a: np.ndarray, seed: int, n_neighbors: int = 15) -> np.nda
 
 
 # -- 2. annotation and expansion ----------------------------------------------------------------------------
+
+
+@dataclass
+class Attention:
+    """Steps 1-2 on a pool: Grad-CAMs (N, h, w), ``F_A`` and ``F_Abar`` (N, C), the 2-D attention space and the
+    query row indices."""
+
+    cams: np.ndarray
+    f_a: np.ndarray
+    f_abar: np.ndarray
+    space: np.ndarray
+    queries: list[int]
+
+
+def attention_queries(model: nn.Module, pool: Sequence[Row], config: ClassifierConfig, n_queries: int,
+                      seed: int) -> Attention:
+    """Grad-CAM of ``pool``, its attention space and the ``n_queries`` rows to ask about (Sec. 4.1-4.2): what the
+    trainer curates from and what ``aspire slim`` shows a person."""
+    maps, cams = gradcam_rows(model, pool, config)
+    f_a, f_abar = attention_features(maps, cams)
+    space = attention_space(f_a, seed)
+    labels = np.array([row["label"] for row in pool])
+    return Attention(cams, f_a, f_abar, space, select_queries(space, labels, n_queries, seed))
 
 
 def even_split(total: int, capacities: Sequence[int]) -> list[int]:
@@ -386,6 +410,16 @@ def simulated_answers(cams: np.ndarray, boxes: Sequence[list[float] | None], ima
 # -- person-facing files ------------------------------------------------------------------------------------
 
 
+def simulate_queries(pool: Sequence[Row], queries: Sequence[int], cams: np.ndarray, flip_rate: float,
+                     seed: int) -> list[bool]:
+    """:func:`simulated_answers` for the query rows of ``pool`` (their core boxes and image sizes read here)."""
+    sizes = []
+    for i in queries:
+        with Image.open(pool[i]["path"]) as image:
+            sizes.append(image.size)
+    return simulated_answers(cams[list(queries)], [core_box(pool[i]) for i in queries], sizes, flip_rate, seed)
+
+
 class MissingAnswers(ValueError):
     """The annotations file has queries without an answer (or does not exist yet)."""
 
@@ -555,15 +589,13 @@ class SLIMTrainer(Trainer):
             return self._fit(reference, [pool[i] for i in chosen], labels[chosen], train_rows, val_rows, val_plain,
                              config, seed, extras, history, best_epoch, generated)
         # 2. Attention space and queries.
-        maps, cams = gradcam_rows(reference, pool, config)
-        f_a, f_abar = attention_features(maps, cams)
-        space = attention_space(f_a, seed)
-        queries = select_queries(space, labels, self.n_queries, seed)
+        att = attention_queries(reference, pool, config, self.n_queries, seed)
+        queries = att.queries
         # 3. Answers, spread over the attention space.
-        answers, counts = self._answers(pool, queries, cams, config, seed)
-        prob = spread_labels(space, answers)
+        answers, counts = self._answers(pool, queries, att.cams, config, seed)
+        prob = spread_labels(att.space, answers)
         # 4. Curation.
-        chosen, allocation = curate(prob, self.screen_threshold, f_a, f_abar, labels, budget, self.n_core,
+        chosen, allocation = curate(prob, self.screen_threshold, att.f_a, att.f_abar, labels, budget, self.n_core,
                                     self.n_env, seed)
         curated = [pool[i] for i in chosen]
         log.info("SLIM_%s: %d queries (%s), curated %d of %d rows", self.mode, len(queries), counts, len(curated),
@@ -598,11 +630,7 @@ class SLIMTrainer(Trainer):
                  seed: int) -> tuple[dict[int, bool], dict[str, int]]:
         """Row index -> correct attention (unsure answers left out), and the yes/no/unsure counts."""
         if self.annotator == "simulated":
-            sizes = []
-            for i in queries:
-                with Image.open(pool[i]["path"]) as image:
-                    sizes.append(image.size)
-            said = simulated_answers(cams[queries], [core_box(pool[i]) for i in queries], sizes, self.flip_rate, seed)
+            said = simulate_queries(pool, queries, cams, self.flip_rate, seed)
             answers = dict(zip(queries, said))
             return answers, {"yes": sum(said), "no": len(said) - sum(said), "unsure": 0}
         if not self.annotations.is_file():
@@ -639,11 +667,4 @@ def fit_head(x: np.ndarray, y: np.ndarray, k: int, seed: int) -> nn.Linear:
         raise ValueError(f"SLIM_val: the curated rows have classes {sorted(set(y.tolist()))}, need all of 0..{k - 1}")
     mean, std = x.mean(0), x.std(0) + EPS
     clf = LogisticRegression(C=1.0, max_iter=1000, random_state=seed).fit((x - mean) / std, y)
-    w, b = clf.coef_, clf.intercept_
-    if k == 2:  # one logit z: softmax([-z/2, z/2]) = sigmoid(z)
-        w, b = np.stack([-w[0] / 2, w[0] / 2]), np.array([-b[0] / 2, b[0] / 2])
-    head = nn.Linear(x.shape[1], k)
-    with torch.no_grad():  # w (x - m) / s + b
-        head.weight.copy_(torch.from_numpy(w / std).float())
-        head.bias.copy_(torch.from_numpy(b - (w / std) @ mean).float())
-    return head
+    return linear_head(*per_class_logits(clf.coef_, clf.intercept_, k), mean, std)
