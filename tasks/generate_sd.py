@@ -251,7 +251,8 @@ class ClipFilter:
         self._lock = threading.Lock()
         log.info("generate: loaded CLIP filter %s on %s", self.identity, self.device)
 
-    def _text_features(self, phrases: list[str]) -> torch.Tensor:
+    def text_features(self, phrases: list[str]) -> torch.Tensor:
+        """L2-normalised CLIP features of "a photo of {phrase}", (M, D)."""
         texts = [CLIP_TEXT.format(phrase=p) for p in phrases]
         inputs = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
         with self._lock, torch.inference_mode():
@@ -259,7 +260,8 @@ class ClipFilter:
                                                     attention_mask=inputs["attention_mask"])  # (M, D)
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
-    def _image_features(self, images: list[Image.Image]) -> torch.Tensor:
+    def image_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """L2-normalised CLIP image features, (N, D)."""
         parts = []
         for start in range(0, len(images), _CLIP_BATCH):
             chunk = [im.convert("RGB") for im in images[start : start + _CLIP_BATCH]]
@@ -272,7 +274,7 @@ class ClipFilter:
         """Cosine similarities, shape (n_images, n_phrases), float32 in [-1, 1]."""
         if not images or not phrases:
             return np.zeros((len(images), len(phrases)), dtype=np.float32)
-        sims = self._image_features(images) @ self._text_features(phrases).T  # (N, M)
+        sims = self.image_features(images) @ self.text_features(phrases).T  # (N, M)
         return sims.cpu().numpy().astype(np.float32)
 
     def keep(self, images: list[Image.Image], phrases: list[str]) -> list[bool]:

@@ -45,7 +45,7 @@ from aspire.images import load_rgb
 from aspire.manifest import Row
 from aspire.phrases import BowEmbedder, Embedder, MiniLMEmbedder
 from aspire.robust.base import Trainer, TrainResult, check_rows, num_classes
-from aspire.robust.dfr import embed, strip_head
+from aspire.robust.dfr import embed, linear_head, per_class_logits, strip_head
 from aspire.robust.erm import ERMTrainer
 from aspire.robust.group_dro import GroupDROTrainer
 
@@ -85,7 +85,10 @@ class CaptionSimilarity:
 
 
 class ClipSimilarity:
-    """sim(image, phrase) = CLIP cosine of the image and "a photo of {phrase}" (the generate stage's CLIP code)."""
+    """sim(image, phrase) = CLIP cosine of the image and "a photo of {phrase}" (the generate stage's CLIP code).
+
+    Image features are kept per image path: the error score of every typed or refined phrase, and the slices, score
+    the same images again, and only the phrases are new."""
 
     def __init__(self, model: str, device: str = "auto") -> None:
         from aspire.config import GenerateConfig
@@ -93,13 +96,18 @@ class ClipSimilarity:
 
         self.clip = ClipFilter(GenerateConfig(clip_model=model, device=device))
         self.identity = f"clip:{model}"
+        self._features: dict[str, torch.Tensor] = {}
 
     def scores(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
-        parts = []
-        for start in range(0, len(rows), 256):
-            images = [load_rgb(row["path"]) for row in rows[start : start + 256]]
-            parts.append(self.clip.scores(images, list(phrases)))
-        return np.concatenate(parts) if parts else np.zeros((0, len(phrases)), dtype=np.float32)
+        """(N rows, M phrases) cosine similarities."""
+        if not rows or not phrases:
+            return np.zeros((len(rows), len(phrases)), dtype=np.float32)
+        new = list(dict.fromkeys(row["path"] for row in rows if row["path"] not in self._features))
+        for start in range(0, len(new), 256):
+            chunk = new[start : start + 256]
+            self._features.update(zip(chunk, self.clip.image_features([load_rgb(p) for p in chunk]).cpu()))
+        images = torch.stack([self._features[row["path"]] for row in rows])  # (N, D)
+        return (images @ self.clip.text_features(list(phrases)).cpu().T).numpy().astype(np.float32)
 
 
 def make_similarity(name: str, clip_model: str | None = None, device: str = "auto") -> CaptionSimilarity | ClipSimilarity:
@@ -377,13 +385,6 @@ class CLARIFYTrainer(Trainer):
             table.append({"C": c, "val_worst_slice_acc": worst, "val_avg_acc": avg})
             if best is None or (worst, avg) > (best[1]["val_worst_slice_acc"], best[1]["val_avg_acc"]):
                 best = (clf, table[-1])
-        clf = best[0]
-        w, b = clf.coef_, clf.intercept_
-        if k == 2 and w.shape[0] == 1:  # sklearn's one logit z for two classes: softmax([-z/2, z/2]) = sigmoid(z)
-            w, b = np.stack([-w[0] / 2, w[0] / 2]), np.array([-b[0] / 2, b[0] / 2])
-        head = nn.Linear(x_train.shape[1], k)
-        with torch.no_grad():
-            head.weight.copy_(torch.from_numpy(w).float())
-            head.bias.copy_(torch.from_numpy(b).float())
+        head = linear_head(*per_class_logits(best[0].coef_, best[0].intercept_, k))
         model = nn.Sequential(backbone, Normalize(), head).eval()
         return TrainResult(model, [], None, {**extras, "c_table": table, "best_c": best[1]["C"]})
