@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from aspire.config import ComposeSettings
+from aspire.imagefolder import safe_name
 from aspire.manifest import Row
 
 GROUPS = ("CeO", "CoO", "CeR", "CoR")
@@ -163,7 +164,8 @@ def plan(rows: Sequence[Row], foreground: Sequence[str], settings: ComposeSettin
 
     Args:
         rows: source rows (:mod:`aspire.imagenet`) of the foreground classes and, for v2, the background classes.
-        foreground: wnids composed as objects (label = their rank in this list).
+        foreground: wnids composed as objects (label = the rank of the class's folder name among theirs, the order
+            torchvision ``ImageFolder`` and ``datasets`` give the written image folder).
         settings: the compose section.
         names: wnid -> class name.
         variant: the ``variant`` column (``v1``, ``v2``, with ``-sam`` for segmenter masks).
@@ -174,9 +176,11 @@ def plan(rows: Sequence[Row], foreground: Sequence[str], settings: ComposeSettin
     pools = split_pools(rows, settings)
     available = sorted({r["wnid"] for r in rows})
     bg_classes = background_classes(foreground, available, settings)
+    folders = sorted(foreground, key=lambda w: (safe_name(names.get(w, w)), w))
     out = []
     for split in SPLITS:
-        for label, wnid in enumerate(foreground):
+        for wnid in foreground:
+            label = folders.index(wnid)
             pool = pools.get((split, wnid), [])
             for group in GROUPS:
                 for size in settings.sizes:

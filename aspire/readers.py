@@ -25,7 +25,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from aspire.imagefolder import decode_metadata_value
+from aspire.imagefolder import decode_metadata_value, safe_name
 from aspire.manifest import Row
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ SPLIT_ALIASES = {
     "test": "test", "testing": "test",
 }
 NUMBERED_SPLITS = {0: "train", 1: "val", 2: "test"}
-METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 WATERBIRDS_CLASSES = ("landbird", "waterbird")
 
 
@@ -56,7 +56,8 @@ def read_dataset(config: "DatasetConfig") -> list[Row]:
             and ``seed`` (normally a :class:`aspire.config.DatasetConfig`).
 
     Returns:
-        One row per image, with unique ``image_id``.
+        One row per image, with unique ``image_id``; labels numbered in the sorted order of the class folder
+        names, as torchvision ``ImageFolder`` and ``datasets`` number them (:func:`labels_in_folder_order`).
 
     Raises:
         DatasetError: unknown format, missing root or metadata file, missing column or bad value.
@@ -70,7 +71,7 @@ def read_dataset(config: "DatasetConfig") -> list[Row]:
     }
     if config.format not in readers:
         raise DatasetError(f"unknown dataset format {config.format!r}; expected one of {sorted(readers)}")
-    rows = readers[config.format](config)
+    rows = labels_in_folder_order(readers[config.format](config))
     _check_unique_ids(rows, Path(config.root))
     logger.info("read %d images (%s) from %s", len(rows), config.format, config.root)
     return rows
@@ -78,6 +79,38 @@ def read_dataset(config: "DatasetConfig") -> list[Row]:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+
+
+def labels_in_folder_order(rows: list[Row]) -> list[Row]:
+    """Rows with ``label`` = the class's position among the sorted class folder names.
+
+    The export writes one folder per class (:func:`aspire.imagefolder.safe_name` of its name), and torchvision
+    ``ImageFolder`` and ``datasets.load_dataset("imagefolder")`` number classes by sorting those folder names;
+    the manifest, the checkpoint's ``class_names`` and every export use that same order. A reader whose own
+    labels differ has its rows renumbered, the original kept as ``dataset_label``: Waterbirds' ``y`` agrees
+    (landbird 0, waterbird 1); CelebA's does not (``Blond_Hair`` sorts before ``not_Blond_Hair``, so the target
+    attribute is label 0 here and ``dataset_label`` keeps the paper's 1), nor may a synthetic benchmark's spec
+    order or a metadata ``label`` column. Group ids are left as the reader made them.
+
+    Raises:
+        DatasetError: one label carries two class names, or two class names share one folder name.
+    """
+    names: dict[int, str] = {}
+    for row in rows:
+        known = names.setdefault(row["label"], row["class_name"])
+        if known != row["class_name"]:
+            raise DatasetError(f"label {row['label']} is named both {known!r} and {row['class_name']!r}")
+    folders: dict[str, str] = {}
+    for name in names.values():
+        other = folders.setdefault(safe_name(name), name)
+        if other != name:
+            raise DatasetError(f"classes {other!r} and {name!r} would share the folder {safe_name(name)!r}")
+    order = {name: i for i, name in enumerate(sorted(set(names.values()), key=safe_name))}
+    if all(order[name] == label for label, name in names.items()):
+        return rows
+    logger.info("labels renumbered in class-folder order (as ImageFolder and datasets number them): %s",
+                ", ".join(f"{name} {label}->{order[name]}" for label, name in sorted(names.items())))
+    return [{**row, "label": order[row["class_name"]], "dataset_label": row["label"]} for row in rows]
 
 def _root(config: Any) -> Path:
     root = Path(os.path.abspath(Path(config.root).expanduser()))
@@ -240,7 +273,7 @@ def _random_splits(n: int, val_fraction: float, seed: str) -> list[str]:
 
 
 def read_hf_imagefolder(config: Any) -> list[Row]:
-    """``<root>/<split>/metadata.csv|jsonl`` or ``<root>/metadata.csv|jsonl`` with a ``split`` column.
+    """``<root>/<split>/metadata.csv|jsonl|parquet`` or the same at ``<root>`` with a ``split`` column.
 
     ``file_name`` is relative to the metadata file's folder. The label is the ``label`` column when present,
     else the index of the class (``class_name`` column, else the image's parent folder) among the sorted
@@ -281,6 +314,15 @@ def _read_metadata(path: Path) -> list[tuple[int, Row]]:
     Raises:
         DatasetError: invalid JSON, or no ``file_name`` column.
     """
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise DatasetError(f"{path}: not a readable Parquet file: {exc}") from None
+        _require_columns(path, table.column_names, ("file_name",))
+        return [(line, record) for line, record in enumerate(table.to_pylist(), start=1)]
     if path.suffix == ".jsonl":
         numbered: list[tuple[int, Row]] = []
         with open(path, encoding="utf-8") as f:

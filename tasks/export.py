@@ -1,10 +1,11 @@
 """Stage ``export``: the augmented training set on disk, for robust trainers.
 
 The dataset's own rows (every split) plus the generated rows, written as an image folder with one
-``metadata.csv`` per split (:func:`aspire.imagefolder.write_imagefolder`; ``datasets.load_dataset("imagefolder")``
-and torchvision ``ImageFolder`` read it), and, when the input was Waterbirds, a Waterbirds-style
+``metadata.parquet`` per split (:func:`aspire.imagefolder.write_imagefolder`; ``datasets.load_dataset("imagefolder")``
+and torchvision ``ImageFolder`` read it with the same class numbering as the manifest and the checkpoint), and, when the input was Waterbirds, a Waterbirds-style
 ``metadata.csv`` at the root (``img_id, img_filename, y, split, place, place_filename``) so Waterbirds loaders
-read it too. Generated rows carry ``source``, ``generator``, ``seed`` and ``spurious_avoided``.
+read it too. Generated rows carry ``source``, ``generator``, ``seed``, ``spurious_avoided`` and a group of their own
+per class (:func:`with_generated_groups`).
 """
 
 from __future__ import annotations
@@ -24,19 +25,25 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
 def augmented_rows(dataset_rows: list[Row], generated: list[Row]) -> list[Row]:
-    """The dataset's rows without the pipeline's prediction columns, then the generated rows.
+    """The dataset's rows without the pipeline's prediction columns (``source="original"``, a reader's own
+    ``source`` such as ``synthetic`` kept as ``dataset_source``), then the generated rows (``source="generated"``).
 
-    Original rows get ``generator="none"``, ``seed=-1`` and ``spurious_avoided=[]`` so every split has the
-    same column types (``datasets`` refuses splits whose metadata columns differ in type)."""
-    originals = [{**{k: v for k, v in r.items() if k not in RUN_COLUMNS}, "generator": "none", "seed": -1,
-                  "spurious_avoided": []} for r in dataset_rows]
+    Original rows get ``generator="none"``, ``seed=-1`` and ``spurious_avoided=[]``, so those columns have a
+    value in every row."""
+    originals = []
+    for row in dataset_rows:
+        kept = {k: v for k, v in row.items() if k not in RUN_COLUMNS}
+        if kept.get("source") not in (None, "original"):
+            kept["dataset_source"] = kept["source"]
+        originals.append({**kept, "source": "original", "generator": "none", "seed": -1, "spurious_avoided": []})
     return originals + [{**g, "source": "generated"} for g in generated]
 
 
 def with_generated_groups(rows: list[Row]) -> list[Row]:
     """Generated rows get a group of their own per class (``augmented:<class>``), numbered after the dataset's
-    groups, so group-aware trainers (Group DRO, DFR) and per-group reports see them."""
-    top = max((r["group"] for r in rows if r.get("group") is not None), default=-1)
+    groups, so group-aware trainers (Group DRO, DFR) and per-group reports see them. Idempotent: the numbering
+    depends on the original rows' groups only, so rows read back from an export keep their groups."""
+    top = max((r["group"] for r in rows if r.get("group") is not None and r.get("source") != "generated"), default=-1)
     return [{**r, "group": top + 1 + r["label"], "group_name": f"augmented:{r['class_name']}"}
             if r.get("source") == "generated" else r for r in rows]
 
@@ -63,7 +70,7 @@ def write_waterbirds_metadata(rows: list[Row], out_dir: Path) -> Path:
 
 def run_export(rows: list[Row], out_dir: Path, waterbirds: bool) -> tuple[list[Row], dict]:
     """Write the augmented dataset into ``out_dir``; return its rows (paths inside it) and counts."""
-    exported = write_imagefolder(rows, out_dir)
+    exported = write_imagefolder(with_generated_groups(rows), out_dir)
     if waterbirds:
         write_waterbirds_metadata(exported, out_dir)
     counts = Counter((r["split"], r["class_name"], r.get("source", "original")) for r in exported)

@@ -147,7 +147,7 @@ def test_write_imagefolder_round_trip(tmp_path: Path, monkeypatch: pytest.Monkey
     assert [r["image_id"] for r in written] == [r["image_id"] for r in rows]
     assert written[1]["path"] == str(out / "train" / "water_bird" / "train_img1.png")
     assert all(Path(r["path"]).is_file() for r in written)
-    assert (out / "train" / "metadata.csv").is_file() and (out / "val" / "metadata.csv").is_file()
+    assert (out / "train" / "metadata.parquet").is_file() and (out / "val" / "metadata.parquet").is_file()
 
     loaded = datasets.load_dataset("imagefolder", data_dir=str(out), cache_dir=str(tmp_path / "hf_cache"))
     assert {name: len(split) for name, split in loaded.items()} == {"train": 4, "validation": 2, "test": 2}
@@ -174,14 +174,18 @@ def test_write_imagefolder_rejects_colliding_names(tmp_path: Path) -> None:
         write_imagefolder(rows, tmp_path / "out")
 
 
-def test_write_imagefolder_warns_about_a_column_empty_in_a_whole_split(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_column_empty_in_a_whole_split_still_loads_in_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    import datasets
+
     rows = make_rows(tmp_path / "src")
     for r in rows:
         r["caption"] = "a bird" if r["split"] == "train" else None
+        r["token"] = None
     write_imagefolder(rows, tmp_path / "out")
-    assert "column 'caption' is empty in split(s) ['test', 'val']" in caplog.text
+    loaded = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "out"))
+    assert loaded["validation"]["caption"] == [None, None] and set(loaded["train"]["caption"]) == {"a bird"}
+    assert "token" not in loaded["train"].features  # set in no row: no column
 
 
 def _hf_config(root: Path) -> Any:

@@ -217,12 +217,14 @@ def test_celeba_txt(tmp_path: Path) -> None:
     make_celeba_txt(tmp_path)
     rows = by_id(read_dataset(make_config("celeba", tmp_path, target_attr="Blond_Hair", spurious_attr="Male")))
 
-    summary = {k: (r["label"], r["class_name"], r["split"], r["group"], r["Male"]) for k, r in rows.items()}
+    # label: the class folders' sorted order (Blond_Hair < not_Blond_Hair); dataset_label: the attribute's 0/1
+    summary = {k: (r["label"], r["dataset_label"], r["class_name"], r["split"], r["group"], r["Male"])
+               for k, r in rows.items()}
     assert summary == {
-        "000001": (1, "Blond_Hair", "train", 2, 0),
-        "000002": (0, "not_Blond_Hair", "train", 1, 1),
-        "000003": (1, "Blond_Hair", "val", 3, 1),
-        "000004": (0, "not_Blond_Hair", "test", 0, 0),
+        "000001": (0, 1, "Blond_Hair", "train", 2, 0),
+        "000002": (1, 0, "not_Blond_Hair", "train", 1, 1),
+        "000003": (0, 1, "Blond_Hair", "val", 3, 1),
+        "000004": (1, 0, "not_Blond_Hair", "test", 0, 0),
     }
     assert rows["000001"]["path"] == str(tmp_path / "img_align_celeba" / "000001.jpg")
 
@@ -234,7 +236,7 @@ def test_celeba_csv_with_images_in_root(tmp_path: Path) -> None:
         make_image(tmp_path / record[0])
     rows = by_id(read_dataset(make_config("celeba", tmp_path, target_attr="Male", spurious_attr="Blond_Hair")))
 
-    assert rows["000002"]["class_name"] == "Male" and rows["000002"]["label"] == 1
+    assert rows["000002"]["class_name"] == "Male" and rows["000002"]["label"] == 0 and rows["000002"]["dataset_label"] == 1
     assert rows["000002"]["group"] == 2 and rows["000002"]["Blond_Hair"] == 0
     assert rows["000004"]["class_name"] == "not_Male" and rows["000004"]["split"] == "test"
     assert rows["000003"]["path"] == str(tmp_path / "000003.jpg")
