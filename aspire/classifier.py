@@ -192,6 +192,15 @@ def evaluate(model: nn.Module, rows: Sequence[Row], config: ClassifierConfig) ->
     return group_accuracy({**row, "pred": pred} for row, pred in zip(rows, preds))
 
 
+def _val_text(record: dict[str, Any]) -> str:
+    if record["val_avg_acc"] is None:
+        return ""
+    text = f", val average {record['val_avg_acc']:.3f}"
+    if record["val_worst_group_acc"] is not None:
+        text += f", worst group {record['val_worst_group_acc']:.3f} ({record['val_worst_group']})"
+    return text
+
+
 def selection_key(record: dict[str, Any], by_group: bool) -> tuple[float, float]:
     """Worst-group then average val accuracy (by_group), or average accuracy alone."""
     avg = record["val_avg_acc"] or 0.0
@@ -244,7 +253,7 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
             model.train()
             total, correct, seen = 0.0, 0, 0
             # A progress bar beside the loop, not around it: tqdm(loader) changes the loader's shuffle order.
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None)
             for images, labels, index in loader:
                 bar.update(1)
                 images, labels = images.to(device), labels.to(device)
@@ -263,8 +272,8 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
-            log.info("epoch %d/%d loss %.4f val avg %s worst %s", epoch + 1, config.epochs, record["loss"],
-                     record["val_avg_acc"], record["val_worst_group_acc"])
+            log.info("epoch %d/%d: loss %.4f, train accuracy %.3f%s", epoch + 1, config.epochs, record["loss"],
+                     record["train_acc"], _val_text(record))
             better = best_epoch is None or selection_key(record, by_group) > selection_key(history[best_epoch], by_group)
             if not val_rows or better:  # no val rows: keep the last epoch
                 best_epoch = epoch

@@ -14,7 +14,9 @@ from aspire.manifest import Row
 
 STAGE_FIELDS = ("status", "seconds", "cached", "rows_in", "rows_out", "failures")
 GRID_FILE = "edits.png"
-CHART_FILE = "accuracy.png"
+CHART_FILE = "accuracy.png"  # with accuracy.svg and accuracy.pdf beside it
+TOP_K_FILE = "top_k.png"  # with top_k.svg and top_k.pdf
+FIGURES = {"grid": GRID_FILE, "chart": CHART_FILE, "top_k": TOP_K_FILE}
 
 
 def _accuracy_block(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -114,8 +116,12 @@ def _spurious_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str | None = None) -> str:
-    """Human-readable report: stage table, counts, accuracy before augmentation, spurious features, quarantine."""
+def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None) -> str:
+    """Human-readable report: stage table, counts, accuracy before augmentation, spurious features, quarantine.
+
+    ``images`` maps ``grid``, ``chart`` and ``top_k`` (see :data:`FIGURES`) to a file name or a ``data:`` URI."""
+    images = images or {}
+    grid, chart = images.get("grid"), images.get("chart")
     lines = ["# ASPIRE run report", "", "## Stages", "", "| stage | status | cached | seconds | rows in | rows out | failures |",
              "|---|---|---|---|---|---|---|"]
     for name, s in report["stages"].items():
@@ -137,6 +143,8 @@ def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str 
             lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("top_k") is not None:
         lines += _spurious_section(report)
+        if images.get("top_k"):
+            lines += ["", f"![top-k groups per class]({images['top_k']})"]
     if grid:
         lines += ["", "## Originals beside their prediction-flipping edits, and generated images", "", f"![edits]({grid})"]
     if report.get("robust"):
@@ -147,10 +155,11 @@ def render_markdown(report: dict[str, Any], grid: str | None = None, chart: str 
     return "\n".join(lines) + "\n"
 
 
-def edit_grid(rows: list[Row], out: Path, per_class: int = 3, tile: int = 96) -> Path | None:
-    """A PNG grid, one line per class: (original | kept edit) pairs captioned with the phrase edited, then
-    generated images of the class."""
+def edit_grid(rows: list[Row], out: Path, per_class: int = 3, tile: int = 128) -> Path | None:
+    """A PNG grid, one line per class: (original | kept edit) pairs, each captioned with what was edited ("boat
+    removed", "water -> desert") and the predicted label before and after, then generated images of the class."""
     originals = {r["image_id"]: r for r in rows if "source_image_id" not in r and r.get("source") != "generated"}
+    names_by_label = {r["label"]: r["class_name"] for r in rows if "label" in r}
     edits: dict[str, list[Row]] = {}
     made: dict[str, list[Row]] = {}
     for row in rows:
@@ -161,47 +170,111 @@ def edit_grid(rows: list[Row], out: Path, per_class: int = 3, tile: int = 96) ->
     names = sorted(set(edits) | set(made))
     if not names:
         return None
-    label_h = 14
+    label_h = 26
     canvas = Image.new("RGB", (per_class * 3 * tile, len(names) * (tile + label_h)), "white")
     draw = ImageDraw.Draw(canvas)
     for line, name in enumerate(names):
         top = line * (tile + label_h)
-        pairs = []
+        tiles = []
         for e in edits.get(name, [])[:per_class]:
-            pairs += [(originals[e["source_image_id"]]["path"], f"{name}: original"),
-                      (e["path"], f"{'bg' if e.get('alt') else 'rm'} {e['phrase']}")]
-        pairs += [(g["path"], f"generated #{g['seed']}") for g in made.get(name, [])[:per_class]]
-        for k, (path, text) in enumerate(pairs[: per_class * 3]):
+            original = originals[e["source_image_id"]]
+            before = names_by_label.get(original.get("pred", original["label"]), "?")
+            after = names_by_label.get(e.get("pred"), "?")
+            what = f"{e['phrase']} -> {e['alt']}" if e.get("alt") else f"{e['phrase']} removed"
+            tiles += [(original["path"], f"{name}: original", f"predicted {before}"),
+                      (e["path"], what, f"predicted {after}")]
+        tiles += [(g["path"], f"{name}: generated", f"seed {g['seed']}") for g in made.get(name, [])[:per_class]]
+        for k, (path, first, second) in enumerate(tiles[: per_class * 3]):
             with Image.open(path) as image:
                 canvas.paste(image.convert("RGB").resize((tile, tile)), (k * tile, top))
-            draw.text((k * tile + 2, top + tile), text[:16], fill="black")
+            characters = tile // 6
+            draw.text((k * tile + 2, top + tile + 1), _fit(first, characters), fill="black")
+            draw.text((k * tile + 2, top + tile + 13), _fit(second, characters), fill="dimgray")
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out
 
 
-def accuracy_chart(report: dict[str, Any], out: Path) -> Path | None:
-    """A PNG bar chart of per-group test accuracy before and after augmentation."""
-    before, after = report.get("before"), report.get("after")
-    if not before:
-        return None
+def _fit(text: str, characters: int) -> str:
+    return text if len(text) <= characters else text[: characters - 1] + "~"
+
+
+def _save_figure(fig: Any, out: Path) -> None:
+    """PNG (for the report and the UI) with SVG and PDF beside it (for slides and papers)."""
+    for suffix in (".png", ".svg", ".pdf"):
+        fig.savefig(out.with_suffix(suffix), dpi=130, bbox_inches="tight")
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams["svg.fonttype"] = "none"  # SVG text stays text: editable on a slide, searchable
+    return plt
+
+
+def accuracy_chart(report: dict[str, Any], out: Path) -> Path | None:
+    """Per-group test accuracy before and after augmentation (PNG + SVG + PDF): bars that reach 0 or 100% stay
+    visible, the worst group of each model is marked, the legend sits above the bars."""
+    before, after = report.get("before"), report.get("after")
+    if not before:
+        return None
+    plt = _pyplot()
     groups = list(before["per_group"])
-    x = range(len(groups))
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(groups)), 3.6))
-    ax.bar([i - 0.2 for i in x], [before["per_group"][g] for g in groups], width=0.4, label="before (ERM)")
-    if after:
-        ax.bar([i + 0.2 for i in x], [after["per_group"].get(g, 0) for g in groups], width=0.4, label="after (augmented)")
-    ax.set_xticks(list(x), groups, rotation=70, ha="right", fontsize=7)
+    x = list(range(len(groups)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups)), 4.2))
+    series = [("before (ERM)", before, -0.2, "tab:blue")] + ([("after (augmented)", after, 0.2, "tab:orange")] if after else [])
+    width = 0.4 if after else 0.6
+    for label, block, shift, colour in series:
+        values = [block["per_group"].get(g, 0.0) for g in groups]
+        ax.bar([i + (shift if after else 0) for i in x], [max(v, 0.01) for v in values], width=width, label=label,
+               color=colour)
+        worst = block.get("worst_group")
+        if worst in groups:
+            i = groups.index(worst)
+            ax.annotate(f"worst {label.split()[0]}: {100 * block['worst_group_acc']:.0f}%",
+                        (i + (shift if after else 0), max(block["worst_group_acc"], 0.01)), xytext=(0, 14),
+                        textcoords="offset points", ha="center", fontsize=7, color=colour,
+                        arrowprops={"arrowstyle": "->", "color": colour})
+    ax.set_xticks(x, groups, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.axhline(1.0, color="lightgray", linewidth=0.8)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    ax.set_xlim(-0.7, len(groups) - 0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    _save_figure(fig, out)
+    plt.close(fig)
+    return out
+
+
+def top_k_chart(report: dict[str, Any], out: Path) -> Path | None:
+    """Per class, the top-k phrase groups: flip rate of their edits (bar), flipped / tried (label), claimed as
+    spurious or not (colour). PNG + SVG + PDF."""
+    top_k = {name: groups for name, groups in (report.get("top_k") or {}).items() if groups}
+    if not top_k:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(top_k), figsize=(3.4 * len(top_k), 1.8 + 0.45 * max(len(g) for g in top_k.values())),
+                             squeeze=False)
+    for ax, (name, groups) in zip(axes[0], top_k.items()):
+        labels = [_fit(", ".join(g["phrases"]), 28) for g in groups][::-1]
+        rates = [g.get("flip_rate") or 0.0 for g in groups][::-1]
+        colours = ["tab:red" if g.get("confident", True) else "tab:gray" for g in groups][::-1]
+        ax.barh(range(len(groups)), rates, color=colours)
+        for i, g in enumerate(groups[::-1]):
+            ax.text(rates[i], i, f" {g['count']}/{g.get('tried', '?')}", va="center", fontsize=7)
+        ax.set_yticks(range(len(groups)), labels, fontsize=7)
+        ax.set_xlim(0, max(0.05, max(rates) * 1.45))
+        ax.set_xlabel("edits that flipped the prediction", fontsize=7)
+        ax.set_title(name + ("" if name not in (report.get("no_spurious_found") or []) else " (none claimed)"), fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Top-k phrase groups per class (red: claimed spurious, gray: below the rule)", fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -211,10 +284,12 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     report = build_report(summaries)
-    grid = edit_grid(edit_rows, workdir / GRID_FILE) if edit_rows else None
-    chart = accuracy_chart(report, workdir / CHART_FILE)
+    if edit_rows:
+        edit_grid(edit_rows, workdir / GRID_FILE)
+    accuracy_chart(report, workdir / CHART_FILE)
+    top_k_chart(report, workdir / TOP_K_FILE)
     (workdir / "report.json").write_text(json.dumps(report, indent=1))
-    (workdir / "report.md").write_text(render_markdown(report, GRID_FILE if grid else None, CHART_FILE if chart else None))
+    (workdir / "report.md").write_text(render_markdown(report, figure_files(workdir)))
     with open(workdir / "quarantine.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image_id", "path", "reason"], extrasaction="ignore")
         writer.writeheader()
@@ -278,6 +353,9 @@ def attach_robust(workdir: Path, robust: dict[str, Any]) -> None:
         return
     report = {**json.loads(path.read_text()), "robust": robust}
     path.write_text(json.dumps(report, indent=1))
-    grid = GRID_FILE if (Path(workdir) / GRID_FILE).is_file() else None
-    chart = CHART_FILE if (Path(workdir) / CHART_FILE).is_file() else None
-    (Path(workdir) / "report.md").write_text(render_markdown(report, grid, chart))
+    (Path(workdir) / "report.md").write_text(render_markdown(report, figure_files(workdir)))
+
+
+def figure_files(workdir: Path) -> dict[str, str]:
+    """The figures written for this report (file names relative to ``workdir``, as report.md links them)."""
+    return {key: name for key, name in FIGURES.items() if (Path(workdir) / name).is_file()}

@@ -7,25 +7,43 @@ generate -> export -> retrain. Keys (:mod:`flows.keys`) chain by content, so rer
 
 from __future__ import annotations
 
+import base64
 import shutil
 import uuid
+from pathlib import Path
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from aspire.cache import StageStore
 from aspire.config import RunConfig, load_config
 from aspire.manifest import digest
-from aspire.report import render_markdown, write_report
+from aspire.report import figure_files, render_markdown, write_report
 from aspire.synth import draw_background_bank, draw_benchmark
 from flows.keys import STAGES, chain
-from flows.running import artifact_key, run_stage
-from flows.runtime import make_task_runner
+from flows.preflight import preflight
+from flows.running import artifact_key, as_stage_flow, run_stage
+from flows.runtime import make_task_runner, project_logging
 from flows.stages import COMPUTE
 from tasks import ingest
 
 
-@flow(name="aspire")
+def run_name() -> str:
+    """The flow run's name in the UI: config file, workdir and the last stage run, e.g. ``demo -> data/runs/demo``."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    name = Path(params["config_path"]).stem
+    try:
+        name += f" -> {load_config(params['config_path'], params.get('overrides')).workdir}"
+    except ValueError:  # a bad config fails in the flow itself, with its message
+        pass
+    until = params.get("until", STAGES[-1])
+    return name if until == STAGES[-1] else f"{name} (until {until})"
+
+
+@flow(name="aspire", flow_run_name=run_name)
 def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str = STAGES[-1],
                 force: list[str] | None = None) -> dict:
     """Run the ASPIRE stages in order up to ``until``; stages in ``force`` are recomputed.
@@ -42,8 +60,11 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
     """
     if until not in STAGES:
         raise ValueError(f"until={until!r}: expected one of {STAGES}")
+    project_logging()
     force = set(force or [])
     config = load_config(config_path, overrides)
+    preflight(config, until)  # a scheduled run has no CLI in front of it: the same checks, before any work
+    publish_config(config)
     if config.synth is not None:
         ensure_benchmark(config)
     listing = ingest.list_dataset(config)
@@ -58,14 +79,28 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
                 if marker is not None:
                     summaries[name] = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
                 continue
-            rows, summaries[name] = run_stage(config, name, store, name in force,
-                                              lambda: COMPUTE[name](config, runner, store, rows, stores))
+            rows, summaries[name] = as_stage_flow(name, lambda: run_stage(
+                config, name, store, name in force, lambda: COMPUTE[name](config, runner, store, rows, stores)))
             if name == "generate":  # held-out originals, edits and generated images: the report's grid
                 edit_rows = rows
     report = write_report(config.workdir, summaries, edit_rows)
-    create_markdown_artifact(render_markdown(report), key=artifact_key(config, "report"),
+    create_markdown_artifact(render_markdown(report, report_images(config.workdir)), key=artifact_key(config, "report"),
                              description="ASPIRE run report")
     return report
+
+
+def report_images(workdir: Path) -> dict[str, str]:
+    """The report's figures as ``data:`` URIs, which the Prefect UI's markdown renders inline (a file path would
+    point at the machine that ran the flow)."""
+    return {key: f"data:image/png;base64,{base64.b64encode((workdir / name).read_bytes()).decode()}"
+            for key, name in figure_files(workdir).items()}
+
+
+def publish_config(config: RunConfig) -> None:
+    """The resolved config (after overrides and defaults) as a markdown artifact."""
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    create_markdown_artifact(f"# Resolved config\n\n```yaml\n{text}```\n", key=artifact_key(config, "config"),
+                             description="The run's config after overrides and defaults")
 
 
 def ensure_benchmark(config: RunConfig) -> None:

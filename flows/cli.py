@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
@@ -11,11 +13,50 @@ import typer
 from flows.runtime import prefect_defaults
 
 app = typer.Typer(help="ASPIRE: find the spurious features a classifier leans on, and augment them away.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-SetOption = typer.Option(None, "--set", help="Override a config key: section.key=value (repeatable).")
+STAGE_NAMES = ("ingest", "classifier", "holdout", "caption", "extract", "remove", "background", "collapse",
+               "personalize", "generate", "export", "retrain")  # flows.keys.STAGES (a test keeps them equal)
+METHOD_NAMES = ("erm", "jtt", "dfr", "groupdro", "clarify", "slim")  # flows.train.METHODS (likewise)
+SetOption = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                         help="Override a config key, e.g. --set classifier.epochs=5 (repeatable).")
+ConfigArgument = typer.Argument(..., metavar="CONFIG", help="YAML run config.", show_default=False)
+DEBUG = {"on": False}  # --debug: show tracebacks of user errors too
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            typer.echo(f"aspire {version('aspire-pipeline')}")
+        except PackageNotFoundError:
+            typer.echo("aspire (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback of errors caused by the input too."),
+         _: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+    """ASPIRE: find the spurious features a classifier leans on, and augment them away."""
+    DEBUG["on"] = debug
+
+
+def fail(message: str, exc: BaseException | None = None) -> None:
+    """A user's mistake: the message in red on stderr, exit status 2, no traceback (unless --debug)."""
+    if DEBUG["on"] and exc is not None:
+        raise exc
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def choose(kind: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices``; else fail naming the nearest one."""
+    if value in choices:
+        return value
+    near = difflib.get_close_matches(value, choices, n=1)
+    fail(f"unknown {kind} {value!r}" + (f"; did you mean {near[0]!r}?" if near else "") + f" ({kind}s: {', '.join(choices)})")
+    return value
 
 
 def _load(config: Path, overrides: list[str] | None, model=None):
@@ -24,16 +65,31 @@ def _load(config: Path, overrides: list[str] | None, model=None):
     try:
         return load_config(config, overrides, model=model)
     except ConfigError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
+        fail(str(exc), exc)
+
+
+def _preflight(run_config, until: str = STAGE_NAMES[-1], methods: tuple[str, ...] = ()) -> None:
+    from flows.preflight import PreflightError, preflight
+
+    try:
+        preflight(run_config, until, methods)
+    except PreflightError as exc:
+        fail("\n".join(exc.problems) + f"\n({len(exc.problems)} problem(s) found before the run; nothing was run)", exc)
 
 
 def _run_flow(config: Path, overrides: list[str], until: str | None = None, force: list[str] | None = None) -> dict:
     prefect_defaults()
-    _load(config, overrides)  # fail early, before Prefect starts, on a bad config
-    from flows.aspire import STAGES, aspire_flow
+    until = until or STAGE_NAMES[-1]
+    run_config = _load(config, overrides)
+    _preflight(run_config, until)  # fail early, before Prefect starts
+    from prefect import tags
 
-    return aspire_flow(config_path=str(config.resolve()), overrides=overrides, until=until or STAGES[-1], force=force or [])
+    from flows.aspire import aspire_flow
+    from flows.runtime import terminal_display
+
+    stages = STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
+    with terminal_display(), tags("aspire", f"dataset:{run_config.dataset.format}", f"stages:{stages[0]}..{until}"):
+        return aspire_flow(config_path=str(config.resolve()), overrides=overrides, until=until, force=force or [])
 
 
 def _print_summary(report: dict, workdir: Path) -> None:
@@ -86,42 +142,37 @@ def synth(out: Path = typer.Argument(..., help="Output folder for the benchmark.
     from aspire.synth import SynthConfig, draw_benchmark
 
     if config is not None and not config.is_file():
-        typer.secho(f"--config {str(config)!r} does not exist", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+        fail(f"--config {str(config)!r} does not exist")
     data = yaml.safe_load(config.read_text()) if config else {}
     try:
         synth_config = SynthConfig.model_validate(data or {})
     except ValidationError as exc:
-        typer.secho(format_validation_error(exc, str(config or "built-in synth config")), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
+        fail(format_validation_error(exc, str(config or "built-in synth config")), exc)
     rows = draw_benchmark(synth_config, out, seed=seed)
     typer.echo(f"wrote {len(rows)} images to {out} (spec: {out / 'spec.json'})")
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="YAML run config."), set_: Optional[list[str]] = SetOption) -> None:
+def run(config: Path = ConfigArgument, set_: Optional[list[str]] = SetOption) -> None:
     """Run the whole ASPIRE flow (cached stages are skipped)."""
     report = _run_flow(config, set_ or [])
     _print_summary(report, _load(config, set_ or []).workdir)
 
 
 @app.command()
-def stage(name: str = typer.Argument(..., help="Stage name, e.g. holdout."),
-          config: Path = typer.Argument(..., help="YAML run config."),
+def stage(name: str = typer.Argument(..., metavar="STAGE", help=f"One of: {', '.join(STAGE_NAMES)}.",
+                                     autocompletion=lambda: list(STAGE_NAMES), show_default=False),
+          config: Path = ConfigArgument,
           force: bool = typer.Option(False, "--force", help="Discard this stage's committed output first."),
           set_: Optional[list[str]] = SetOption) -> None:
     """Run one stage on its cached upstream stages (upstream runs first if it is not committed yet)."""
-    from flows.aspire import STAGES
-
-    if name not in STAGES:
-        typer.secho(f"unknown stage {name!r}; stages: {' '.join(STAGES)}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+    choose("stage", name, STAGE_NAMES)
     report = _run_flow(config, set_ or [], until=name, force=[name] if force else [])
     _print_summary(report, _load(config, set_ or []).workdir)
 
 
 @app.command()
-def status(config: Path = typer.Argument(..., help="YAML run config."), set_: Optional[list[str]] = SetOption) -> None:
+def status(config: Path = ConfigArgument, set_: Optional[list[str]] = SetOption) -> None:
     """Per stage: done / partial / stale / missing, rows and key (nothing is run)."""
     from flows.status import stage_status
 
@@ -130,22 +181,27 @@ def status(config: Path = typer.Argument(..., help="YAML run config."), set_: Op
 
 
 @app.command()
-def train(config: Path = typer.Argument(..., help="YAML run config (after `aspire run`)."),
-          method: Optional[list[str]] = typer.Option(None, "--method", help="erm, jtt, dfr, groupdro, clarify or slim "
-                                                     "(repeatable)."),
-          seeds: str = typer.Option("0", help="Comma-separated seeds, e.g. 0,1,2."),
+def train(config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run config (after `aspire run`)."),
+          method: Optional[list[str]] = typer.Option(None, "--method", metavar="METHOD",
+                                                     help=f"One of {', '.join(METHOD_NAMES)} (repeatable).",
+                                                     autocompletion=lambda: list(METHOD_NAMES)),
+          seeds: str = typer.Option("0", metavar="SEEDS", help="Comma-separated seeds, e.g. 0,1,2."),
           set_: Optional[list[str]] = SetOption) -> None:
     """Robust trainers on the original and the augmented training set; worst-group test accuracy per method."""
     prefect_defaults()
+    methods = [choose("method", m, METHOD_NAMES) for m in method or ["erm"]]
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError as exc:
+        fail(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2", exc)
     run_config = _load(config, set_ or [])
+    _preflight(run_config, "classifier", tuple(methods))
     from flows.train import train_flow
 
     try:
-        train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=method or ["erm"],
-                   seeds=[int(s) for s in seeds.split(",")])
+        train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=methods, seeds=seed_list)
     except ValueError as exc:  # e.g. SLIM answers or CLARIFY annotations missing: one line, the file named
-        typer.secho(str(exc).splitlines()[0], fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
+        fail(str(exc).splitlines()[0], exc)
     typer.echo((run_config.workdir / "robust.md").read_text())
     typer.echo(f"table: {run_config.workdir / 'robust.md'} (also in {run_config.workdir / 'report.md'})")
 
@@ -157,16 +213,14 @@ def clarify(config: Path = typer.Argument(..., help="YAML run config (after `asp
             set_: Optional[list[str]] = SetOption) -> None:
     """CLARIFY's interface: describe the reference model's validation errors per class in a few words."""
     run_config = _load(config, set_ or [])
-    if annotator not in ("person", "simulated", "random"):
-        typer.secho(f"--annotator {annotator!r}: expected person, simulated or random", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+    choose("annotator", annotator, ("person", "simulated", "random"))
+    _preflight(run_config, "classifier", ("clarify",))
     from flows.annotate import clarify_session
 
     try:
         clarify_session(run_config, annotator, ask=_ask, say=typer.echo)
     except ValueError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
+        fail(str(exc), exc)
 
 
 @app.command()
@@ -176,16 +230,13 @@ def slim(config: Path = typer.Argument(..., help="YAML run config (after `aspire
          set_: Optional[list[str]] = SetOption) -> None:
     """SLIM's interface: images with the reference model's heat map to answer yes / no (is it on the object?)."""
     run_config = _load(config, set_ or [])
-    if annotator not in ("person", "simulated"):
-        typer.secho(f"--annotator {annotator!r}: expected person or simulated", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+    choose("annotator", annotator, ("person", "simulated"))
     from flows.annotate import slim_session
 
     try:
         slim_session(run_config, annotator, say=typer.echo)
     except ValueError as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
+        fail(str(exc), exc)
 
 
 def _ask(prompt: str) -> str:
@@ -210,8 +261,7 @@ def compose(config: Path = typer.Argument(..., help="YAML compose config (see co
     try:
         summary = compose_flow(config_path=str(config.resolve()), overrides=set_ or [])
     except (PlanError, SourceError, FileExistsError) as exc:
-        typer.secho(str(exc), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from exc
+        fail(str(exc), exc)
     for key, value in summary["by_split_category"].items():
         typer.echo(f"{key:<14} {value}")
     if summary["quarantine"]:
@@ -220,13 +270,13 @@ def compose(config: Path = typer.Argument(..., help="YAML compose config (see co
 
 
 @app.command()
-def serve(config: Path = typer.Argument(..., help="YAML run config."),
+def serve(config: Path = ConfigArgument,
           cron: str = typer.Option(..., help="Cron schedule, e.g. '0 3 * * *'."),
           name: str = typer.Option("aspire-scheduled", help="Deployment name."),
           set_: Optional[list[str]] = SetOption) -> None:
     """Serve the flow as a scheduled Prefect deployment (runs until interrupted)."""
     prefect_defaults()
-    _load(config, set_ or [])  # fail early on a bad config
+    _preflight(_load(config, set_ or []))  # fail early on a bad config
     from flows.aspire import aspire_flow
 
     aspire_flow.serve(name=name, cron=cron, parameters={"config_path": str(config.resolve()), "overrides": set_ or []})

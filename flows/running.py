@@ -3,12 +3,14 @@ published as Prefect artifacts."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
+import uuid
 from typing import Any, Callable
 
-from prefect import get_run_logger
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -28,9 +30,9 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
     then read all shards back in order. Committed shards are not even submitted: the markers decide."""
     parts = shards(rows, shard_size)
     todo = [i for i, part in enumerate(parts) if not store.shard_is_current(i, part, salt)]
-    progress = create_progress_artifact(0.0, description=f"{store.stage}: shards committed")
+    progress = create_progress_artifact(0.0, key=f"{store.stage}-progress", description=f"{store.stage}: shards committed")
     futures = [runner.submit(shard_task, {"store": store, "index": i, "rows": parts[i], **task_args}) for i in todo]
-    with tqdm(total=len(parts), initial=len(parts) - len(todo), desc=store.stage, unit="shard") as bar:
+    with tqdm(total=len(parts), initial=len(parts) - len(todo), desc=store.stage, unit="shard", disable=None) as bar:
         for future in as_completed(futures):
             future.result()  # re-raises the shard's error
             bar.update(1)
@@ -52,16 +54,65 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
 
 
 def artifact_key(config: RunConfig, name: str) -> str:
-    """Artifact keys per workdir (lowercase letters, digits, dashes), so runs of different datasets do
-    not overwrite each other's history."""
+    """Artifact keys per workdir name (lowercase letters, digits, dashes), so runs of different datasets do
+    not overwrite each other's history: ``demo-report``, ``demo-stage-03-holdout``."""
     slug = re.sub(r"[^a-z0-9]+", "-", config.workdir.name.lower()).strip("-") or "run"
-    return f"{slug}-{digest(str(config.workdir))[:6]}-{name}"
+    return f"{slug}-{name}"
+
+
+NESTED_CHARACTERS = 1500  # a nested summary field longer than this is cut in the table (DONE.json has it whole)
+
+
+def summary_table(summary: dict[str, Any]) -> list[dict[str, str]]:
+    """A stage summary as (field, value) rows: scalars as they are, nested fields (holdout's ``before``,
+    remove's ``skip_reasons``) as compact JSON, the quarantine as its count (the report lists it)."""
+    table = []
+    for key, value in summary.items():
+        if key == "quarantine":
+            value = f"{len(value)} records (report: Quarantine)"
+        elif key == "parts":
+            continue
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value, separators=(", ", ": "), default=str)
+            if len(value) > NESTED_CHARACTERS:
+                value = value[:NESTED_CHARACTERS] + " ... (cut; the stage's DONE.json has it all)"
+        table.append({"field": key, "value": str(value)})
+    return table
 
 
 def publish(config: RunConfig, name: str, summary: dict[str, Any]) -> None:
-    shown = {k: v for k, v in summary.items() if not isinstance(v, (dict, list))}
-    create_table_artifact([{"field": k, "value": str(v)} for k, v in shown.items()],
-                          key=artifact_key(config, f"stage-{name}"), description=f"ASPIRE stage {name}")
+    from flows.keys import STAGES
+
+    number = f"{STAGES.index(name) + 1:02d}" if name in STAGES else "00"
+    create_table_artifact(summary_table(summary), key=artifact_key(config, f"stage-{number}-{name}"),
+                          description=f"ASPIRE stage {number} {name}")
+
+
+_STAGE_BODIES: dict[str, Callable[[], Any]] = {}  # token -> the stage's work, looked up by the stage subflow
+
+
+@flow(name="aspire-stage", flow_run_name="{name}", log_prints=False)
+def stage_flow(name: str, token: str) -> Any:
+    """One stage of a run as a Prefect subflow, so the run graph reads as the pipeline (one box per stage, its shard
+    tasks inside) and a failing stage shows as the failed box. Its parameters are the stage's name and a token:
+    rows and models never go to the Prefect API, and the flow pickles by reference for Dask workers."""
+    return _stage_body(token)()
+
+
+def _stage_body(token: str) -> Callable[[], Any]:
+    # a module function (pickled by reference): Dask pickles the subflow by value with the globals its code names,
+    # and the registry holds the task runner
+    return _STAGE_BODIES[token]
+
+
+def as_stage_flow(name: str, body: Callable[[], Any]) -> Any:
+    """Run ``body()`` inside :func:`stage_flow` named ``name``."""
+    token = uuid.uuid4().hex
+    _STAGE_BODIES[token] = body
+    try:
+        return stage_flow(name=name, token=token)
+    finally:
+        del _STAGE_BODIES[token]
 
 
 def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,

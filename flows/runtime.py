@@ -2,21 +2,48 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+from contextlib import nullcontext
 
 from aspire.config import RunnerConfig
+
+PROJECT_LOGGERS = ("aspire", "tasks", "flows")
 
 
 def prefect_defaults() -> None:
     """Environment defaults set before Prefect is imported (a user's own settings win).
 
     The ephemeral SQLite API needs 12-25 s to start on a 2-core machine, close to Prefect's 20 s default
-    timeout, so the timeout is raised; analytics are off because machines may be offline.
+    timeout, so the timeout is raised; analytics are off because machines may be offline; the project's loggers
+    are Prefect's extra loggers, so their lines reach the terminal and the Prefect UI.
     """
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+    # the project's own loggers (epoch loss and accuracy, skips with reasons) go to the console and the run's logs
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(PROJECT_LOGGERS))
     os.environ.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+
+
+def project_logging() -> None:
+    """The project's loggers at INFO (Prefect attaches its API handler to them but leaves their level to the
+    root's WARNING, which would drop the epoch lines)."""
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
+def terminal_display():
+    """On a terminal, log lines are written above the progress bars instead of through them (tqdm's logging
+    redirection of the console handler); in a pipe or file the bars are off (``disable=None``) and lines are plain."""
+    if not sys.stderr.isatty():
+        return nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def make_task_runner(config: RunnerConfig):

@@ -26,6 +26,7 @@ from aspire.report import attach_robust, render_robust
 from aspire.robust import evaluate, make_trainer
 from flows.keys import chain
 from flows.running import artifact_key
+from flows.runtime import project_logging
 from tasks import classifier, ingest
 from tasks.export import with_generated_groups
 from tasks.retrain import group_rows
@@ -136,6 +137,7 @@ def train_flow(config_path: str, overrides: list[str] | None = None, methods: li
     Writes ``<workdir>/robust.json`` and ``robust.md``, adds the table to the run's report, publishes a Prefect
     table artifact; returns the table lines.
     """
+    project_logging()
     config = load_config(config_path, overrides)
     methods, seeds = methods or ["erm"], seeds or [0]
     unknown = [m for m in methods if m not in METHODS]

@@ -32,6 +32,7 @@ from aspire.phrases import BowEmbedder, normalize_phrase
 from aspire.readers import IMAGE_EXTENSIONS
 from tasks.remove import attempt_row, attempt_stats, classify_and_keep, is_edit, load_for_editing
 from tasks.vision import BackgroundEditor, Grounder, Segmenter, dilate
+from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,14 @@ def run_background(rows: list[Row], config: BackgroundConfig, editor: Background
     """Attempt a background change for every held-out image of a shard; keep the edits that flip the prediction."""
     originals = [r for r in rows if not is_edit(r)]
     attempts: list[Row] = []
-    for i in tqdm(range(0, len(originals), config.batch_size), desc="background", unit="batch", leave=False):
+    for i in tqdm(range(0, len(originals), config.batch_size), desc="background", unit="batch", leave=False, disable=None):
         results = edit_batch(originals[i : i + config.batch_size], config, editor)
         attempts += classify_and_keep(results, classifier, out_dir, save_all)
     return ShardResult(rows + attempts, [], attempt_stats(attempts))
 
 
-@task(name="background-shard", task_run_name="background-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
+@task(name="background-shard", task_run_name="background-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_if_transient)
 def background_shard_task(store: StageStore, index: int, rows: list[Row], config: BackgroundConfig, remove: RemoveConfig,
                           model_path: Path, model_digest: str) -> dict:
     """Change backgrounds in one shard and commit it (skipped when already committed)."""

@@ -33,6 +33,7 @@ from aspire.config import CaptionConfig
 from aspire.identity import expand_ref, model_identity
 from aspire.images import ImageError, load_rgb
 from aspire.manifest import Row
+from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def run_caption(rows: list[Row], captioner: Captioner) -> ShardResult:
     out: list[Row] = []
     quarantine: list[Row] = []
     batches = [rows[i : i + captioner.batch_size] for i in range(0, len(rows), captioner.batch_size)]
-    for batch in tqdm(batches, desc="caption", unit="batch", leave=False):
+    for batch in tqdm(batches, desc="caption", unit="batch", leave=False, disable=None):
         for row, result in zip(batch, captioner.caption_rows(batch), strict=True):
             if isinstance(result, Skipped):
                 quarantine.append({"image_id": row["image_id"], "path": row.get("path"), "reason": result.reason})
@@ -254,7 +255,8 @@ def run_caption(rows: list[Row], captioner: Captioner) -> ShardResult:
     return ShardResult(out, quarantine, stats)
 
 
-@task(name="caption-shard", task_run_name="caption-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
+@task(name="caption-shard", task_run_name="caption-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_if_transient)
 def caption_shard_task(store: StageStore, index: int, rows: list[Row], config: CaptionConfig) -> dict:
     """Caption one shard with the worker's captioner and commit it (skipped when already committed)."""
     captioner = load_captioner(config)

@@ -31,6 +31,7 @@ from aspire.classifier import (
 from aspire.config import ClassifierConfig
 from aspire.images import ImageError, load_rgb
 from aspire.manifest import Row, class_names
+from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def train_task(store: StageStore, rows: list[Row], config: ClassifierConfig) -> 
     return marker
 
 
-@task(name="predict-shard", task_run_name="predict-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
+@task(name="predict-shard", task_run_name="predict-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_if_transient)
 def predict_shard_task(store: StageStore, index: int, rows: list[Row], model_digest: str) -> dict:
     """Predict one shard with the committed model and commit it (skipped when already committed)."""
     model_path = model_file(store)

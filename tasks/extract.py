@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 from aspire.cache import ShardResult, StageStore
 from aspire.config import ExtractConfig
 from aspire.manifest import Row, digest
+from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,8 @@ def extractor_identity(config: ExtractConfig) -> str:
     return openai_identity(config)
 
 
-@task(name="extract-shard", task_run_name="extract-shard-{index}", cache_policy=NO_CACHE, retries=1)
+@task(name="extract-shard", task_run_name="extract-shard-{index}", cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_if_transient)
 def extract_shard_task(store: StageStore, index: int, rows: list[Row], config: ExtractConfig, cache_dir: Path) -> dict:
     """Extract one shard and commit it (skipped when already committed)."""
     extractor = load_extractor(config)

@@ -32,6 +32,7 @@ from aspire.phrases import BowEmbedder, normalize_phrase
 from aspire.readers import IMAGE_EXTENSIONS
 from tasks.remove import is_edit, load_for_editing
 from tasks.vision import Grounder, Inpainter, Segmenter, dilate
+from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,8 @@ def run_generate_sd(jobs: list[Row], config: GenerateConfig, model: str, tokens:
     return ShardResult(rows, quarantine, stats)
 
 
-@task(name="generate-shard", task_run_name="generate-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
+@task(name="generate-shard", task_run_name="generate-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_if_transient)
 def generate_shard_task(store: StageStore, index: int, rows: list[Row], config: GenerateConfig, remove: RemoveConfig,
                         model: str, tokens: dict, spurious: dict, exemplars: dict, bank: Path | None) -> dict:
     """Generate one shard of jobs and commit it (skipped when already committed)."""

@@ -218,7 +218,7 @@ class SDGenerator:
         size = self.config.batch_size
         batches = [list(seeds[i : i + size]) for i in range(0, len(seeds), size)]
         results: list[tuple[int, Image.Image | str]] = []
-        for chunk in tqdm(batches, desc=f"generate {class_name}", unit="batch", leave=False):
+        for chunk in tqdm(batches, desc=f"generate {class_name}", unit="batch", leave=False, disable=None):
             results += list(zip(chunk, self._batch(prompt, chunk), strict=True))
         return results
 

@@ -17,6 +17,7 @@ from aspire.config import RunConfig
 from aspire.images import check_images
 from aspire.manifest import Row, digest, validate_rows
 from aspire.readers import read_dataset
+from tasks import retry_if_transient
 
 STAGE = "ingest"
 VERSION = 1
@@ -45,7 +46,8 @@ def run_ingest(rows: list[Row], out_dir: Path) -> ShardResult:
     return ShardResult(good, bad)
 
 
-@task(name="ingest-shard", task_run_name="ingest-shard-{index}", cache_policy=NO_CACHE, retries=1)
+@task(name="ingest-shard", task_run_name="ingest-shard-{index}", cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_if_transient)
 def ingest_shard_task(store: StageStore, index: int, rows: list[Row]) -> dict:
     """Check one shard's images and commit it (skipped when already committed)."""
     return store.ensure_shard(index, rows, run_ingest)

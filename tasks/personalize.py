@@ -55,6 +55,7 @@ from aspire.identity import expand_ref, model_identity
 from aspire.images import load_rgb
 from aspire.manifest import Row, digest
 from tasks.extract import prompt_file
+from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
 
@@ -433,7 +434,7 @@ def train_textual_inversion(images: list[Path], placeholder: str, initializer: s
     start, loss = _resume(Path(checkpoint_dir), fingerprint, config.steps, embedding.weight, row, optimizer, scaler)
     # 4. Optimiser steps; after each, every row but the new one is put back
     for step in tqdm(range(start, config.steps), initial=start, total=config.steps, leave=False,
-                     desc=f"textual inversion {placeholder}"):
+                     desc=f"textual inversion {placeholder}", disable=None):
         loss = 0.0
         for micro in range(config.gradient_accumulation):
             micro_loss = _micro_loss(models, data, config, step, micro, device, dtype)
@@ -498,7 +499,7 @@ def personalize_class(store: StageStore, class_name: str, images: list[str | Pat
 
 
 @task(name="personalize-class", task_run_name="personalize-{class_name}", tags=["gpu"], cache_policy=NO_CACHE,
-      retries=1)
+      retries=1, retry_condition_fn=retry_if_transient)
 def personalize_class_task(store: StageStore, class_name: str, images: list[str], config: PersonalizeConfig) -> dict:
     """Textual inversion of one class, committed as a part of the stage (a retry resumes from its checkpoint)."""
     return personalize_class(store, class_name, images, config)

@@ -29,6 +29,7 @@ from aspire.config import RemoveConfig
 from aspire.images import ImageError, load_rgb
 from aspire.manifest import Row
 from tasks.vision import Detection, Grounder, Inpainter, Segmenter, dilate
+from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,14 @@ def run_remove(rows: list[Row], config: RemoveConfig, grounder: Grounder, segmen
     """
     originals = [r for r in rows if not is_edit(r)]
     attempts: list[Row] = []
-    for i in tqdm(range(0, len(originals), config.batch_size), desc="remove", unit="batch", leave=False):
+    for i in tqdm(range(0, len(originals), config.batch_size), desc="remove", unit="batch", leave=False, disable=None):
         results = edit_batch(originals[i : i + config.batch_size], config, grounder, segmenter, inpainter)
         attempts += classify_and_keep(results, classifier, out_dir, config.save_all)
     return ShardResult(rows + attempts, [], attempt_stats(attempts))
 
 
-@task(name="remove-shard", task_run_name="remove-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1)
+@task(name="remove-shard", task_run_name="remove-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1,
+      retry_condition_fn=retry_if_transient)
 def remove_shard_task(store: StageStore, index: int, rows: list[Row], config: RemoveConfig, model_path: Path,
                       model_digest: str) -> dict:
     """Remove objects in one shard with the worker's models and commit it (skipped when already committed)."""

@@ -99,7 +99,7 @@ def caption_missing_task(store: StageStore, rows: list[Row], config: CaptionConf
     def write(tmp):
         captioner = load_captioner(config)
         out = []
-        for start in tqdm(range(0, len(rows), config.batch_size), desc="captions for groups", unit="batch"):
+        for start in tqdm(range(0, len(rows), config.batch_size), desc="captions for groups", unit="batch", disable=None):
             chunk = rows[start : start + config.batch_size]
             out += [{"image_id": r["image_id"], "caption": None if isinstance(c, Skipped) else c}
                     for r, c in zip(chunk, captioner.caption_rows(chunk))]

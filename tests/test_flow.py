@@ -92,6 +92,7 @@ def test_flow_quarantines_caches_and_recomputes_exactly_what_changed(run_config,
     assert report["counts"]["train"] == 3 * 40 and report["counts"]["holdout"] > 0
     assert 0 <= report["before"]["worst_group_acc"] <= report["before"]["avg_acc"] <= 1
     assert not report["stages"]["holdout"]["cached"]
+    scores_the_same_through_torchvision(workdir)
 
     # 2. warm run: everything cached, nothing trained
     report = run(run_config)
@@ -124,6 +125,25 @@ def test_flow_quarantines_caches_and_recomputes_exactly_what_changed(run_config,
     resharded = run(run_config, "classifier.epochs=1", "runner.shard_size=50")
     assert {p: p.stat().st_mtime_ns for p in workdir.glob("classifier/*/model/DONE.json")} == model_markers
     assert resharded["before"] == report["before"] and resharded["counts"] == report["counts"]
+
+
+def scores_the_same_through_torchvision(workdir: Path) -> None:
+    """The run's checkpoint, scored against torchvision ImageFolder's targets on the export, gets the accuracy the
+    run measured: one class order in the checkpoint, the manifest and the exported folders."""
+    import torchvision
+
+    from aspire.classifier import load_model, predict_images
+    from aspire.manifest import read_jsonl
+
+    (checkpoint,) = workdir.glob("classifier/*/model/model.pt")
+    model, config, class_names = load_model(checkpoint)
+    test = torchvision.datasets.ImageFolder(str(Path(summary(workdir, "export")["folder"]) / "test"))
+    assert test.classes == class_names
+    preds, _ = predict_images(model, [Image.open(p).convert("RGB") for p, _ in test.samples], config.image_size)
+    through_torchvision = np.mean([p == t for p, (_, t) in zip(preds, test.samples)])
+    predicted = [r for f in checkpoint.parents[1].glob("shard-*/rows.jsonl") for r in read_jsonl(f) if r["split"] == "test"]
+    assert len(predicted) == len(test.samples)
+    assert through_torchvision == pytest.approx(np.mean([r["pred"] == r["label"] for r in predicted]))
 
 
 def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
@@ -317,3 +337,40 @@ def test_clarify_and_slim_ask_the_person_then_train_from_the_files(run_config, t
     clarify_run = [r for r in json.loads((workdir / "robust.json").read_text())["runs"] if r["method"] == "clarify"][0]
     assert clarify_run["budget"] == {"phrases": 1} and "no group labels" in clarify_run["selection"]
     assert "CLARIFY (original): annotation budget 1 phrases" in (workdir / "robust.md").read_text()
+
+
+def test_status_needs_neither_prefect_nor_model_files(run_config, tmp_path):
+    """`aspire status` in a fresh process, Prefect's API pointed at a closed port, LAMA_MODEL unset: it answers
+    from the markers, and names what it cannot key instead of crashing."""
+    run(run_config, until="extract")
+    env = {k: v for k, v in os.environ.items() if k != "LAMA_MODEL"}
+    env["PREFECT_API_URL"] = "http://127.0.0.1:9/api"  # nothing listens: any call to Prefect would fail
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "status", str(run_config), "--set", "remove.inpaint=lama"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()}
+    assert all("done" in lines[s] for s in ("ingest", "classifier", "holdout", "caption", "extract")), done.stdout
+    assert "unknown" in lines["remove"] and "LAMA_MODEL" in lines["remove"] and "waiting" in lines["retrain"]
+
+
+def test_shard_tasks_retry_transient_errors_but_not_input_mistakes():
+    """A missing file fails at once (a retry would fail the same way and double the wait); a RuntimeError (CUDA out
+    of memory, say) gets the task's one retry."""
+    from prefect import flow, task
+
+    from tasks import retry_if_transient
+
+    calls = {"missing": 0, "transient": 0}
+
+    @task(retries=1, retry_condition_fn=retry_if_transient)
+    def failing(kind: str) -> None:
+        calls[kind] += 1
+        raise FileNotFoundError("no such model") if kind == "missing" else RuntimeError("CUDA out of memory")
+
+    @flow
+    def both() -> None:
+        for kind in calls:
+            failing(kind, return_state=True)
+
+    both()
+    assert calls == {"missing": 1, "transient": 2}

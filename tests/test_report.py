@@ -61,3 +61,33 @@ def test_tables_keep_their_cells_when_group_names_hold_pipes():
     per_group = [row for row in rows if row == 3]
     assert len(per_group) >= 3  # group | before | after, for the header and both groups
     assert "80.0%" in inline and "90.0%" in inline  # the after numbers did not fall out of their cells
+
+
+def test_figures_come_as_png_svg_pdf_and_the_grid_says_what_was_edited(tmp_path):
+    from PIL import Image
+
+    from aspire.report import write_report
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (16, 16), "white").save(tmp_path / f"{name}.png")
+    original = {"image_id": "o", "path": str(tmp_path / "a.png"), "label": 0, "class_name": "cat", "pred": 0}
+    edits = [{"image_id": "e1", "source_image_id": "o", "path": str(tmp_path / "b.png"), "label": 0, "class_name": "cat",
+              "phrase": "ball", "alt": None, "pred": 1, "kept": True},
+             {"image_id": "e2", "source_image_id": "o", "path": str(tmp_path / "c.png"), "label": 0, "class_name": "cat",
+              "phrase": "grass", "alt": "sand", "pred": 1, "kept": True}]
+    fox = {"image_id": "f", "path": str(tmp_path / "a.png"), "label": 1, "class_name": "fox", "pred": 1}
+    collapse = {"spurious": {"cat": [["ball"]]}, "no_spurious_found": ["fox"], "rule": "RULE",
+                "top_k": {"cat": [{"phrases": ["ball"], "count": 12, "tried": 40, "flip_rate": 0.3, "confident": True}],
+                          "fox": [{"phrases": ["rock"], "count": 1, "tried": 30, "flip_rate": 0.03, "confident": False}]},
+                "flipped": {}}
+    before = evaluation({"cat/grass": 1.0, "fox/grass": 0.0})
+    report = write_report(tmp_path / "run", {"holdout": {"before": {"test": before}}, "collapse": collapse},
+                          [original, fox, *edits])
+    for stem in ("accuracy", "top_k"):
+        assert all((tmp_path / "run" / f"{stem}{suffix}").stat().st_size > 0 for suffix in (".png", ".svg", ".pdf"))
+    assert (tmp_path / "run" / "edits.png").is_file()
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "![top-k groups per class](top_k.png)" in text and "![per-group accuracy](accuracy.png)" in text
+    svg = (tmp_path / "run" / "accuracy.svg").read_text()
+    assert "worst before: 0%" in svg  # the worst group is marked on the chart
+    assert report["no_spurious_found"] == ["fox"]
