@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from aspire.config import ClassifierConfig
 from aspire.images import load_rgb
+from aspire.lazy import resolve_device
 from aspire.manifest import Row
 from aspire.metrics import group_accuracy
 
@@ -29,13 +30,6 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class SmallCNN(nn.Module):

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 import numpy as np
-from nltk.stem import PorterStemmer
+
+from aspire.lazy import porter_stemmer
 
 DETERMINERS = {"a", "an", "the", "some", "this", "that", "these", "those", "his", "her", "their", "its", "my",
                "our", "your", "another", "several", "many", "few"}
 NUMBERS = {"one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "dozen", "couple"}
 DEFAULT_THRESHOLDS = {"bow": 0.5, "minilm": 0.65, "glove": 0.9}
-_stemmer = PorterStemmer()
 
 
 def normalize_phrase(phrase: str) -> str:
@@ -41,7 +41,7 @@ def normalize_phrase(phrase: str) -> str:
 def _stem(word: str) -> str:
     """Porter stem, with the adjective "-y" folded into its noun ("snowy" -> "snow", "sandy" -> "sand"), so that
     "snow" and "snowy mountain" share a root word as the paper intends (Sec. 2, "Top-k selection")."""
-    stem = _stemmer.stem(word)
+    stem = porter_stemmer().stem(word)
     return stem[:-1] if stem.endswith("i") and len(stem) > 3 else stem
 
 

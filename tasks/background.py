@@ -49,8 +49,6 @@ class BackgroundBank:
             raise ValueError(f"background.bank={str(root)!r}: expected a folder with one sub-folder per background")
         self.root = Path(root)
         self.folders = {normalize_phrase(p.name.replace("_", " ")): p for p in sorted(self.root.iterdir()) if p.is_dir()}
-        names = list(self.folders)
-        self._vectors = BowEmbedder().embed(names) if names else None
         self._folder_stats: dict[str, np.ndarray] = {}
         self.identity = f"bank:{self.root.name}:" + digest(sorted(
             (str(f.relative_to(self.root)), f.stat().st_size) for f in self.root.rglob("*") if f.is_file()))
@@ -60,7 +58,7 @@ class BackgroundBank:
         wanted = normalize_phrase(name)
         if wanted in self.folders:
             return self.folders[wanted]
-        if self._vectors is None:
+        if not self.folders:
             return None
         names = list(self.folders)
         sims = BowEmbedder().embed(names + [wanted])

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import torch
 from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from aspire.cache import ShardResult, StageStore
-from aspire.classifier import resolve_device
+from aspire.lazy import resolve_device, torch
 from aspire.config import CaptionConfig
 from aspire.identity import expand_ref, model_identity
 from aspire.images import ImageError, load_rgb
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 STAGE = "caption"
 VERSION = 1
 BACKENDS = ("git", "blip", "metadata")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names
 @dataclass(frozen=True)
 class Skipped:
     """A row a captioner could not caption, and why (becomes a quarantine record)."""
@@ -124,7 +123,7 @@ class _ModelCaptioner:
         self.device = _check_model_config(config)
         self.identity = captioner_identity(config)
         self.processor = _from_pretrained(AutoProcessor, config)
-        model = _from_pretrained(self._model_class(), config, dtype=DTYPES[config.dtype])
+        model = _from_pretrained(self._model_class(), config, dtype=getattr(torch, config.dtype))
         self.model = model.to(self.device).eval()
         self._lock = threading.Lock()  # one generate() at a time per worker: bounded GPU memory
         log.info("caption: loaded %s on %s (%s)", self.identity, self.device, config.dtype)
@@ -138,7 +137,7 @@ class _ModelCaptioner:
         if not images:
             return []
         inputs = self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, DTYPES[self.config.dtype])  # (B, 3, H, W)
+        pixel_values = inputs["pixel_values"].to(self.device, getattr(torch, self.config.dtype))  # (B, 3, H, W)
         with self._lock, torch.inference_mode():
             tokens = self.model.generate(pixel_values=pixel_values, max_length=self.config.max_length,
                                          num_beams=self.config.num_beams)  # (B, <= max_length)

@@ -15,21 +15,13 @@ import logging
 import threading
 from pathlib import Path
 
-import torch
-import torchvision
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from aspire.cache import ShardResult, StageStore, file_digest
-from aspire.classifier import (
-    build_model,
-    fit,
-    load_model,
-    predict_images,
-    save_model,
-)
 from aspire.config import ClassifierConfig
 from aspire.images import ImageError, load_rgb
+from aspire.lazy import library_version
 from aspire.manifest import Row, class_names
 from tasks import retry_if_transient
 
@@ -46,7 +38,7 @@ def classifier_identity(config: ClassifierConfig) -> str:
     weights = config.weights
     if weights not in (None, "imagenet") and Path(weights).is_file():
         weights = f"{Path(weights).name}@{file_digest(Path(weights))}"
-    return f"torch {torch.__version__}, torchvision {torchvision.__version__}, weights {weights}"
+    return f"torch {library_version('torch')}, torchvision {library_version('torchvision')}, weights {weights}"
 
 
 def model_file(store: StageStore) -> Path:
@@ -65,6 +57,8 @@ def train_classifier(rows: list[Row], config: ClassifierConfig, out_dir: Path, c
     Raises:
         ValueError: there are no training rows, or fewer than two classes.
     """
+    from aspire.classifier import build_model, fit, save_model
+
     train = [r for r in rows if r["split"] == "train"]
     if not train:
         raise ValueError("classifier: the manifest has no rows with split='train' to train on")
@@ -82,6 +76,8 @@ _models_lock = threading.Lock()
 
 def load_classifier(path: Path, model_digest: str):
     """Load a saved classifier once per worker process; a retrained model (new digest) replaces the old."""
+    from aspire.classifier import load_model
+
     with _models_lock:
         key = (str(path), model_digest)
         if key not in _models:
@@ -93,6 +89,8 @@ def load_classifier(path: Path, model_digest: str):
 
 def run_predict(rows: list[Row], model_path: Path, model_digest: str) -> ShardResult:
     """Predict every row's image; rows whose image no longer loads are quarantined with the reason."""
+    from aspire.classifier import predict_images
+
     model, config, _ = load_classifier(model_path, model_digest)
     kept, images, quarantine = [], [], []
     for row in rows:

@@ -19,13 +19,13 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from nltk.stem import PorterStemmer
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from aspire.cache import ShardResult, StageStore
 from aspire.config import ExtractConfig
+from aspire.lazy import porter_stemmer
 from aspire.manifest import Row, digest
 from tasks import retry_if_transient
 
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 STAGE = "extract"
 VERSION = 1
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
-_stemmer = PorterStemmer()
 
 
 class ExtractItem(BaseModel):
@@ -82,7 +81,7 @@ def prompt_file(name: str) -> Path:
 
 def stems(text: str) -> list[str]:
     """Lowercase word stems (Porter, no downloaded data needed)."""
-    return [_stemmer.stem(w) for w in re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))]
+    return [porter_stemmer().stem(w) for w in re.findall(r"[a-z0-9]+", text.lower().replace("_", " "))]
 
 
 def label_forms(class_name: str, synonyms: list[str] = ()) -> list[list[str]]:

@@ -16,12 +16,11 @@ the contrast table ``prompts/alt_backgrounds.tsv`` (its ``*`` line for places it
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from pathlib import Path
 
-from nltk.stem import PorterStemmer
-from nltk.tokenize import TreebankWordTokenizer
-
 from aspire.config import ExtractConfig
+from aspire.lazy import porter_stemmer
 from aspire.manifest import digest
 from tasks.extract import BatchResult, Extraction, ExtractItem, prompt_file
 
@@ -56,8 +55,12 @@ ED_NOUNS = {"bread", "thread", "seabed", "flowerbed", "riverbed", "sacred", "hun
 COLLECTIVES = {"flock", "group", "team", "herd", "pack", "pair", "couple", "bunch", "pile", "row", "crowd",
                "school", "swarm", "set", "lot", "lots", "stack", "line", "bowl", "plate", "cup", "glass", "box"}
 
-_stemmer = PorterStemmer()
-_tokenizer = TreebankWordTokenizer()
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    from nltk.tokenize import TreebankWordTokenizer  # nltk imports in about 1.5 s: not when only keying a stage
+
+    return TreebankWordTokenizer()
 
 
 def _read_list(path: Path) -> list[str]:
@@ -94,7 +97,7 @@ class RulesExtractor:
     # 1. tokens -> (preposition, phrase words) chunks
     def chunks(self, caption: str) -> list[tuple[str | None, list[str]]]:
         text = META_PREFIX.sub(" ", caption.lower()).replace("-", " - ")
-        tokens = [t for t in _tokenizer.tokenize(text) if t != "-"]
+        tokens = [t for t in _tokenizer().tokenize(text) if t != "-"]
         out: list[tuple[str | None, list[str]]] = []
         preposition: str | None = None
         current: list[str] = []
@@ -154,7 +157,7 @@ class RulesExtractor:
         words = background.split()
         for word in words:
             for head, alt in self.alternatives:
-                if head == word or _stemmer.stem(head) == _stemmer.stem(word):
+                if head == word or porter_stemmer().stem(head) == porter_stemmer().stem(word):
                     return alt
         return next((alt for head, alt in self.alternatives if head == "*"), "")
 

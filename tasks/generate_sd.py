@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from aspire.classifier import resolve_device
+from aspire.lazy import resolve_device
 from aspire.config import GenerateConfig
 from aspire.identity import expand_ref, model_identity
 from aspire.manifest import digest

@@ -22,10 +22,9 @@ import re
 import threading
 from pathlib import Path
 
-import torch
 from PIL import Image
 
-from aspire.classifier import resolve_device
+from aspire.lazy import resolve_device, torch
 from aspire.config import RemoveConfig
 from aspire.identity import expand_ref, model_identity, weights_digest
 from aspire.manifest import Row, digest

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
-from aspire.classifier import resolve_device
+from aspire.lazy import resolve_device, torch
 from aspire.config import RemoveConfig
 from aspire.identity import weights_digest
 from tasks.vision import Inpainter

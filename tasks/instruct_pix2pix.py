@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from aspire.classifier import resolve_device
+from aspire.lazy import resolve_device
 from aspire.config import BackgroundConfig
 from aspire.identity import expand_ref, model_identity
 from aspire.manifest import Row, digest

@@ -49,7 +49,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from aspire.cache import StageStore, file_digest
-from aspire.classifier import resolve_device
+from aspire.lazy import resolve_device
 from aspire.config import PersonalizeConfig
 from aspire.identity import expand_ref, model_identity
 from aspire.images import load_rgb

@@ -24,7 +24,6 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from aspire.cache import ShardResult, StageStore
-from aspire.classifier import predict_images
 from aspire.config import RemoveConfig
 from aspire.images import ImageError, load_rgb
 from aspire.manifest import Row
@@ -139,6 +138,8 @@ def edit_batch(rows: list[Row], config: RemoveConfig, grounder: Grounder, segmen
 
 def classify_and_keep(results: list[tuple[Row, Image.Image | None]], classifier, out_dir: Path, save_all: bool) -> list[Row]:
     """Re-classify the edited images in one batch; keep (and save) the edits whose prediction flipped."""
+    from aspire.classifier import predict_images
+
     model, classifier_config, _ = classifier
     edited = [(r, im) for r, im in results if im is not None]
     preds, confs = predict_images(model, [im for _, im in edited], classifier_config.image_size,

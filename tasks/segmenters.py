@@ -23,10 +23,9 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
-from aspire.classifier import resolve_device
+from aspire.lazy import resolve_device, torch
 from aspire.config import RemoveConfig
 from aspire.identity import expand_ref, model_identity, weights_digest
 from tasks.vision import Box, Segmenter, box_mask
