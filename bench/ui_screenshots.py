@@ -8,7 +8,9 @@ through the API, and takes screenshots with Chromium (``apt-get install -y chrom
 
 - ``run.png``        the flow run page: the run graph (one box per stage subflow) and its logs
 - ``artifacts.png``  the run's artifacts tab (config, stage tables, progress, report)
+- ``artifact-list.png`` the Artifacts page: keys in stage order
 - ``report.png``     the report artifact (tables, the per-group chart and the edit grid as inline images)
+- ``stage-table.png`` one stage's summary table (holdout, with its nested ``before`` block)
 - ``stage.png``      one stage subflow (remove) with its shard tasks
 - ``logs.png``       the logs of the classifier stage (epoch loss and accuracy)
 
@@ -45,7 +47,7 @@ def wait_for(url: str, seconds: float = 120) -> None:
 
 def screenshot(chromium: str, url: str, path: Path, height: int = 1400) -> None:
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size=1600,{height}", "--virtual-time-budget=20000", f"--screenshot={path}", url],
+                    f"--window-size=1600,{height}", "--virtual-time-budget=30000", f"--screenshot={path}", url],
                    check=True, capture_output=True, timeout=180)
     print(f"{path}  <- {url}")
 
@@ -86,13 +88,16 @@ def main() -> None:
         ui = f"http://127.0.0.1:{args.port}"
         screenshot(chromium, f"{ui}/runs/flow-run/{parent['id']}", out / "run.png")
         screenshot(chromium, f"{ui}/runs/flow-run/{parent['id']}?tab=Artifacts", out / "artifacts.png")
+        screenshot(chromium, f"{ui}/artifacts", out / "artifact-list.png")
         report = next(a for a in artifacts if (a.get("key") or "").endswith("-report"))
-        screenshot(chromium, f"{ui}/runs/artifact/{report['id']}", out / "report.png", height=4000)
+        screenshot(chromium, f"{ui}/artifacts/artifact/{report['id']}", out / "report.png", height=5200)
+        holdout = next(a for a in artifacts if (a.get("key") or "").endswith("-stage-03-holdout"))
+        screenshot(chromium, f"{ui}/artifacts/artifact/{holdout['id']}", out / "stage-table.png")
         by_name = {c["name"]: c for c in children}
         if "remove" in by_name:
             screenshot(chromium, f"{ui}/runs/flow-run/{by_name['remove']['id']}", out / "stage.png")
         if "classifier" in by_name:
-            screenshot(chromium, f"{ui}/runs/flow-run/{by_name['classifier']['id']}?tab=Logs", out / "logs.png")
+            screenshot(chromium, f"{ui}/runs/flow-run/{by_name['classifier']['id']}", out / "logs.png")
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)

@@ -8,6 +8,7 @@ import re
 import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger
@@ -30,7 +31,8 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
     then read all shards back in order. Committed shards are not even submitted: the markers decide."""
     parts = shards(rows, shard_size)
     todo = [i for i, part in enumerate(parts) if not store.shard_is_current(i, part, salt)]
-    progress = create_progress_artifact(0.0, key=f"{store.stage}-progress", description=f"{store.stage}: shards committed")
+    progress = create_progress_artifact(0.0, key=f"{workdir_slug(store.workdir)}-{store.stage}-progress",
+                                        description=f"{store.stage}: shards committed")
     futures = [runner.submit(shard_task, {"store": store, "index": i, "rows": parts[i], **task_args}) for i in todo]
     with tqdm(total=len(parts), initial=len(parts) - len(todo), desc=store.stage, unit="shard", disable=None) as bar:
         for future in as_completed(futures):
@@ -56,8 +58,12 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
 def artifact_key(config: RunConfig, name: str) -> str:
     """Artifact keys per workdir name (lowercase letters, digits, dashes), so runs of different datasets do
     not overwrite each other's history: ``demo-report``, ``demo-stage-03-holdout``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", config.workdir.name.lower()).strip("-") or "run"
-    return f"{slug}-{name}"
+    return f"{workdir_slug(config.workdir)}-{name}"
+
+
+def workdir_slug(workdir) -> str:
+    """The workdir's name in lowercase letters, digits and dashes (what artifact keys allow)."""
+    return re.sub(r"[^a-z0-9]+", "-", Path(workdir).name.lower()).strip("-") or "run"
 
 
 NESTED_CHARACTERS = 1500  # a nested summary field longer than this is cut in the table (DONE.json has it whole)

@@ -32,6 +32,18 @@ from tasks import (
 )
 
 
+def on_gpu(task, *devices: str):
+    """``task`` keeping its ``gpu`` tag only when one of the devices it runs on is CUDA in this run, so a
+    ``gpu`` concurrency limit throttles the tasks that use the GPU and nothing else."""
+    from aspire.lazy import resolve_device
+
+    if any(resolve_device(d).type == "cuda" for d in devices):
+        return task
+    stripped = task.with_options()  # with_options(tags=set()) would keep the old tags (an empty set is falsy)
+    stripped.tags = set(task.tags) - {"gpu"}
+    return stripped
+
+
 def _ingest(config: RunConfig, runner, store: StageStore, listing: list[Row], stores: dict[str, StageStore]):
     rows, quarantine, info = run_shards(runner, store, listing, ingest.ingest_shard_task, config.runner.shard_size)
     for record in quarantine:
@@ -40,10 +52,11 @@ def _ingest(config: RunConfig, runner, store: StageStore, listing: list[Row], st
 
 
 def _classifier(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
-    trained = classifier.train_task(store, rows, config.classifier)
+    device = config.classifier.device
+    trained = on_gpu(classifier.train_task, device)(store, rows, config.classifier)
     model_digest = trained["files"][classifier.MODEL_FILE]
-    predicted, _, info = run_shards(runner, store, rows, classifier.predict_shard_task, config.runner.shard_size,
-                                    salt=model_digest, model_digest=model_digest)
+    predicted, _, info = run_shards(runner, store, rows, on_gpu(classifier.predict_shard_task, device),
+                                    config.runner.shard_size, salt=model_digest, model_digest=model_digest)
     summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
                "final_train_acc": trained.get("final_train_acc")}
     return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
@@ -58,8 +71,9 @@ def _holdout(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
 
 def _caption(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     held = [r for r in rows if r.get("holdout")]
-    captioned, _, info = run_shards(runner, store, held, caption.caption_shard_task, config.runner.shard_size,
-                                    config=config.caption)
+    devices = [config.caption.device] if config.caption.backend in ("git", "blip") else []
+    captioned, _, info = run_shards(runner, store, held, on_gpu(caption.caption_shard_task, *devices),
+                                    config.runner.shard_size, config=config.caption)
     seconds, n = info["stats"].get("seconds", 0.0), info["stats"].get("captioned", 0)
     return captioned, {**info, "seconds_per_image": round(seconds / n, 4) if n else None}, info["parts"]
 
@@ -88,14 +102,16 @@ def _edit_summary(info: dict, rows: list[Row]) -> dict:
 
 def _remove(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     model = _model(stores)
-    out, _, info = run_shards(runner, store, rows, remove.remove_shard_task, config.runner.shard_size,
+    task = on_gpu(remove.remove_shard_task, config.remove.device, config.classifier.device)
+    out, _, info = run_shards(runner, store, rows, task, config.runner.shard_size,
                               salt=model["model_digest"], config=config.remove, **model)
     return out, _edit_summary(info, [r for r in out if r.get("source") == remove.EDIT_SOURCE]), info["parts"]
 
 
 def _background(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     model = _model(stores)
-    out, _, info = run_shards(runner, store, rows, background.background_shard_task, config.runner.shard_size,
+    task = on_gpu(background.background_shard_task, config.background.device, config.classifier.device)
+    out, _, info = run_shards(runner, store, rows, task, config.runner.shard_size,
                               salt=model["model_digest"], config=config.background, remove=config.remove, **model)
     return out, _edit_summary(info, [r for r in out if r.get("source") == background.EDIT_SOURCE]), info["parts"]
 
@@ -131,7 +147,8 @@ def _personalize(config: RunConfig, runner, store: StageStore, rows: list[Row], 
         if not paths:
             summary["skipped"][name] = reason
             continue
-        marker = personalize.personalize_class_task(store, name, [str(p) for p in paths], config.personalize)
+        marker = on_gpu(personalize.personalize_class_task, config.personalize.device)(
+            store, name, [str(p) for p in paths], config.personalize)
         part = personalize.part_name(name)
         summary["tokens"][name] = [str(store.part_dir(part) / personalize.EMBEDS_FILE), marker["placeholder"], rule]
         parts.append(store.part_ref(part))
@@ -154,7 +171,9 @@ def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], sto
         exemplars = generate.generator_exemplars(rows, config.generate.learn_from)
         skipped = {c: "no spurious feature found: no kept edits to learn from" for c in counts if c not in exemplars}
         jobs = [j for j in jobs if j["class_name"] in exemplars]
-    made, quarantine, info = run_shards(runner, store, jobs, generate.generate_shard_task, config.runner.shard_size,
+    devices = [config.generate.device] if config.generate.backend == "textual-inversion" else []
+    made, quarantine, info = run_shards(runner, store, jobs, on_gpu(generate.generate_shard_task, *devices),
+                                        config.runner.shard_size,
                                         config=config.generate, remove=config.remove, model=config.personalize.model,
                                         tokens=tokens, spurious=spurious, exemplars=exemplars, bank=config.background.bank)
     summary = {**info, "planned": counts, "skipped": skipped, "generated": len(made), "failures": len(quarantine),
@@ -180,14 +199,15 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         rows, grouping = retrain.group_rows(store, rows, config.retrain, config.caption,
                                             _summary_of(stores, "collapse")["spurious"], stores["caption"].read_rows())
         args = config.retrain.trainer_args(config.retrain.method, str(classifier.model_file(stores["classifier"])))
-        predicted = retrain.robust_task(store, rows, settings, config.retrain.method, args)
+        predicted = on_gpu(retrain.robust_task, settings.device)(store, rows, settings, config.retrain.method, args)
         summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method, "grouping": grouping,
                    "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}
         return predicted, summary, [store.part_ref(retrain.ROBUST_PART)]
-    trained = classifier.train_task(store, rows, settings)
+    trained = on_gpu(classifier.train_task, settings.device)(store, rows, settings)
     model_digest = trained["files"][classifier.MODEL_FILE]
     evaluated = [r for r in rows if r["split"] in ("val", "test")]
-    predicted, _, info = run_shards(runner, store, evaluated, classifier.predict_shard_task, config.runner.shard_size,
+    predicted, _, info = run_shards(runner, store, evaluated, on_gpu(classifier.predict_shard_task, settings.device),
+                                    config.runner.shard_size,
                                     salt=model_digest, model_digest=model_digest)
     summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
                "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}

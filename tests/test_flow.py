@@ -148,6 +148,7 @@ def scores_the_same_through_torchvision(workdir: Path) -> None:
 
 def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
     from flows.cli import app
+    from flows.keys import STAGES
 
     runner = CliRunner()
     result = runner.invoke(app, ["status", str(run_config)])
@@ -156,8 +157,10 @@ def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
     result = runner.invoke(app, ["stage", "holdout", str(run_config)])
     assert result.exit_code == 0, result.output
     assert "worst-group accuracy" in result.output and "quarantined 3 images" in result.output
+    assert "\r" not in result.output and "\x1b[" not in result.output  # not a terminal: no bars, no escape codes
     result = runner.invoke(app, ["status", str(run_config)])
-    assert [line.split()[1] for line in result.output.splitlines()] == ["done"] * 3 + ["missing"] + ["waiting"] * 8
+    table = [line.split() for line in result.output.splitlines() if line.split()[:1] and line.split()[0] in STAGES]
+    assert [cells[1] for cells in table] == ["done"] * 3 + ["missing"] + ["waiting"] * 8  # (log lines go to stderr)
 
     model = next((tmp_path / "run" / "classifier").iterdir()) / "model" / "DONE.json"
     before = model.stat().st_mtime_ns
@@ -374,3 +377,13 @@ def test_shard_tasks_retry_transient_errors_but_not_input_mistakes():
 
     both()
     assert calls == {"missing": 1, "transient": 2}
+
+
+def test_the_gpu_tag_stays_only_on_tasks_that_run_on_cuda():
+    from flows.stages import on_gpu
+    from tasks import classifier, remove
+
+    assert "gpu" in remove.remove_shard_task.tags
+    assert "gpu" not in on_gpu(remove.remove_shard_task, "cpu", "cpu").tags
+    assert "gpu" not in on_gpu(remove.remove_shard_task).tags  # weight-free backends: no device at all
+    assert "gpu" in on_gpu(classifier.train_task, "cpu", "cuda:0").tags
