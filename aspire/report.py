@@ -297,6 +297,16 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
     return report
 
 
+GENERATED_IMAGES_GO = {  # ASPIRE App. A.4: two-stage methods get the augmentations in their second stage only
+    "erm": "joined to the training set",
+    "jtt": "stage 2 only: the error set is identified on the original rows; generated rows join the upweighted "
+           "training set and are not upweighted",
+    "dfr": "stage 2 only: the base ERM model is trained on the original rows; the last layer is fitted on the "
+           "validation rows plus the generated rows",
+    "groupdro": "joined to the training set, one group per class (augmented:<class>)",
+    "clarify": "their own slice per class (<class>|generated) in the slice-balanced training",
+    "slim": "joined to the curated set as they are (not screened)",
+}
 METHOD_NAMES = {"erm": "ERM", "jtt": "JTT", "dfr": "DFR", "groupdro": "Group DRO", "clarify": "CLARIFY", "slim": "SLIM"}
 
 
@@ -330,6 +340,10 @@ def render_robust(robust: dict[str, Any], level: str = "#") -> list[str]:
             avg_gain = f" ({100 * (aug['avg_acc'] - base['avg_acc']):+.1f})" if base else ""
             out.append(f"| {name} + ASPIRE | {_mean_std(aug['worst_group_acc'], aug['worst_std'])}{worst_gain} | "
                        f"{_mean_std(aug['avg_acc'], aug['avg_std'])}{avg_gain} |")
+    if any(l["data"] == "augmented" for l in lines):
+        out += ["", "Where the generated images go (ASPIRE App. A.4): " + "; ".join(
+            f"{METHOD_NAMES.get(m, m)}: {GENERATED_IMAGES_GO[m]}" for m in dict.fromkeys(l["method"] for l in lines)
+            if m in GENERATED_IMAGES_GO) + "."]
     for l in lines:  # the human-in-the-loop methods: what the person gave and how the model was selected
         if l.get("budget") or l.get("selection"):
             budget = ", ".join(f"{v} {k}" for k, v in (l.get("budget") or {}).items())

@@ -129,15 +129,40 @@ def test_waterbirds_metadata_for_waterbirds_input(tmp_path):
     assert all((tmp_path / "out" / r["img_filename"]).is_file() for r in records)
 
 
-@pytest.mark.parametrize("per_class, expected", [(None, {"a": 1, "b": 1}), (2.0, {"a": 4, "b": 2})])
+@pytest.mark.parametrize("per_class, expected", [(None, {"a": 0, "b": 0}), (2.0, {"a": 4, "b": 2})])
 def test_images_per_class_rule(tmp_path, per_class, expected):
     rows, _ = two_classes(tmp_path)  # train: a in groups 0 and 0... see dataset(): a -> groups 0, 0; b -> group 3
-    rows[4]["group"] = 1  # class a: groups {0: 1, 1: 1} -> minority 1; class b: one group -> 0 minority...
+    rows[4]["group"] = 1  # class a: groups {0: 1, 1: 1}, equal: no minority; class b: one group: none either
     counts = images_per_class(rows, GenerateConfig(per_class=per_class))
     if per_class is None:
-        assert counts == {"a": 1, "b": 0}
+        assert counts == {"a": 0, "b": 0}
     else:
         assert counts == expected
     jobs = plan_jobs({"a": 2}, {"a": 0}, seed=3)
     assert [j["image_id"] for j in jobs] == ["gen::a::0", "gen::a::1"] and jobs[0]["seed"] != jobs[1]["seed"]
     assert plan_jobs({"a": 2}, {"a": 0}, seed=3) == jobs
+
+
+@pytest.mark.parametrize("dataset, groups, expected", [
+    # training group sizes from the papers: (class, group) -> images; ASPIRE Table 3 gives the minority totals
+    ("waterbirds", {("landbird", 0): 3498, ("landbird", 1): 184, ("waterbird", 2): 56, ("waterbird", 3): 1057},
+     {"landbird": 184, "waterbird": 56}),
+    ("celeba", {("not_Blond_Hair", 0): 71629, ("not_Blond_Hair", 1): 66874, ("Blond_Hair", 2): 22880,
+                ("Blond_Hair", 3): 1387}, {"not_Blond_Hair": 0, "Blond_Hair": 1387}),
+    ("spuco-dogs", {("big", 0): 8500, ("big", 1): 500, ("small", 2): 500, ("small", 3): 8500}, {"big": 500, "small": 500}),
+])
+def test_generation_count_is_one_times_the_minority_groups(dataset, groups, expected):
+    from tasks.generate import minority_images
+
+    by_class = {}
+    for (name, group), n in groups.items():
+        by_class.setdefault(name, {})[group] = n
+    assert {name: minority_images(sizes) for name, sizes in by_class.items()} == expected
+    if dataset == "celeba":  # the old rule (class total minus its largest group) gave ~49x the paper's count
+        assert sum(expected.values()) == 1387
+
+
+def test_images_per_class_counts_rows_the_same_way(tmp_path):
+    rows = [{"split": "train", "class_name": "a", "group": g, "image_id": f"{g}-{i}"}
+            for g, n in ((0, 40), (1, 3), (2, 30)) for i in range(n)]  # group 2 is no minority (30 of 40)
+    assert images_per_class(rows, GenerateConfig()) == {"a": 3}

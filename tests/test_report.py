@@ -91,3 +91,14 @@ def test_figures_come_as_png_svg_pdf_and_the_grid_says_what_was_edited(tmp_path)
     svg = (tmp_path / "run" / "accuracy.svg").read_text()
     assert "worst before: 0%" in svg  # the worst group is marked on the chart
     assert report["no_spurious_found"] == ["fox"]
+
+
+def test_robust_table_says_where_each_method_puts_the_generated_images():
+    from aspire.report import render_robust
+
+    line = {"seeds": 1, "avg_acc": 0.5, "avg_std": 0.0, "worst_group_acc": 0.1, "worst_std": 0.0, "per_group": {}}
+    robust = {"grouping": {"original": {"groups": "labels"}, "augmented": {"groups": "labels"}},
+              "lines": [{**line, "method": m, "data": d} for m in ("jtt", "dfr") for d in ("original", "augmented")]}
+    text = "\n".join(render_robust(robust))
+    assert "JTT: stage 2 only: the error set is identified on the original rows" in text
+    assert "DFR: stage 2 only: the base ERM model is trained on the original rows" in text

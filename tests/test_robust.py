@@ -100,6 +100,25 @@ def test_jtt_error_set_is_the_misclassified_training_rows(bench):
     assert jtt.extras["n_train_rows"] == len(train) + 2 * len(wrong)  # each error row 3 times in all
 
 
+def generated_with_wrong_labels(train: list, n: int = 30) -> list:
+    """Generated rows (ASPIRE's augmentations) that a first stage would get wrong: train images, labels shifted."""
+    return [{**row, "image_id": f"gen::{i}", "source": "generated", "label": (row["label"] + 1) % 3, "group": None}
+            for i, row in enumerate(train[:n])]
+
+
+def test_two_stage_methods_see_the_generated_images_in_their_second_stage_only(bench, erm):
+    """ASPIRE App. A.4: JTT identifies its error set, and DFR trains its base ERM model, on the original rows; the
+    generated rows join JTT's upweighted training and DFR's last-layer fit."""
+    train, generated = bench["train"], generated_with_wrong_labels(bench["train"])
+    alone = JTTTrainer(identification_epochs=1, upweight=3).train(train, bench["val"], CONFIG, seed=0)
+    both = JTTTrainer(identification_epochs=1, upweight=3).train(train + generated, bench["val"], CONFIG, seed=0)
+    assert both.extras["error_set"] == alone.extras["error_set"]  # identification never saw the generated rows
+    assert not any(i.startswith("gen::") for i in both.extras["error_set"])
+    assert both.extras["n_train_rows"] == len(train) + len(generated) + 2 * len(alone.extras["error_set"])
+    dfr = DFRTrainer(n_refits=1).train(train + generated, bench["val"], CONFIG, seed=0)
+    assert [h["loss"] for h in dfr.history] == pytest.approx([h["loss"] for h in erm.history])  # base ERM: originals
+
+
 def test_jtt_grid_search_keeps_the_best_worst_group_val_acc(bench):
     config = CONFIG.model_copy(update={"epochs": 1})
     best, table = grid_search(bench["train"], bench["val"], config, seed=0, Ts=[1], lambdas=[1, 5])

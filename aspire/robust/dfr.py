@@ -71,8 +71,9 @@ class DFRTrainer(Trainer):
         # 1. The frozen backbone, from the given or a freshly trained ERM model.
         check_rows(val_rows, "val_rows")
         history, best_epoch, base = [], None, self.base_model
-        if base is None:
-            erm = ERMTrainer().train(train_rows, val_rows, config, seed)
+        if base is None:  # stage 1 on the original rows: ASPIRE adds its images to the second stage (App. A.4)
+            originals = [row for row in train_rows if row.get("source") != "generated"]
+            erm = ERMTrainer().train(originals, val_rows, config, seed)
             history, best_epoch, base = erm.history, erm.best_epoch, erm.model
         backbone = strip_head(base)
         # 2. Embeddings, labels and balancing groups of the head rows.

@@ -26,10 +26,13 @@ log = logging.getLogger(__name__)
 class JTTTrainer(Trainer):
     """JTT (Liu et al. 2021, https://arxiv.org/abs/2107.09044, Algorithm 1).
 
-    1. Train an identification model with ERM for ``identification_epochs`` (T) epochs (no early stopping).
-    2. Error set E = the training rows it misclassifies.
-    3. Train the final model with ERM on the training set where every row of E appears ``upweight`` (λ_up)
-       times. With λ_up = 1 the training set, its order and the seed are those of ERM, so the result is ERM's.
+    1. Train an identification model with ERM for ``identification_epochs`` (T) epochs (no early stopping), on
+       the original training rows only: ASPIRE (App. A.4) adds its generated images (``source == "generated"``)
+       to the second stage of two-stage methods, not to the first.
+    2. Error set E = the original training rows it misclassifies.
+    3. Train the final model with ERM on the whole training set (generated rows included) where every row of E
+       appears ``upweight`` (λ_up) times. With λ_up = 1 and no generated rows the training set, its order and the
+       seed are those of ERM, so the result is ERM's.
 
     Args:
         identification_epochs: T, epochs of the identification model.
@@ -43,24 +46,26 @@ class JTTTrainer(Trainer):
             raise ValueError(f"upweight={upweight}: must be an integer >= 1")
         self.identification_epochs, self.upweight = identification_epochs, int(upweight)
 
-    def identify(self, train_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> tuple[nn.Module, list[int]]:
-        """Steps 1-2: the identification model and the indices of the training rows it misclassifies."""
+    def identify(self, train_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> tuple[nn.Module, list[Row]]:
+        """Steps 1-2: the identification model (trained on the original rows) and the original rows it gets wrong."""
+        originals = [row for row in train_rows if row.get("source") != "generated"]
         config = config.model_copy(update={"seed": seed, "epochs": self.identification_epochs})
         model = build_model(config, num_classes(train_rows))
-        fit(model, train_rows, [], config, seed)  # no val rows: the model after exactly T epochs
-        preds = predict_rows(model, train_rows, config)
-        errors = [i for i, (row, pred) in enumerate(zip(train_rows, preds)) if pred != row["label"]]
-        log.info("JTT: T=%d, error set %d of %d training rows", self.identification_epochs, len(errors), len(train_rows))
+        fit(model, originals, [], config, seed)  # no val rows: the model after exactly T epochs
+        preds = predict_rows(model, originals, config)
+        errors = [row for row, pred in zip(originals, preds) if pred != row["label"]]
+        log.info("JTT: T=%d, error set %d of %d original training rows (%d generated rows join stage 2 only)",
+                 self.identification_epochs, len(errors), len(originals), len(train_rows) - len(originals))
         return model, errors
 
     def train_upweighted(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig,
-                         seed: int, errors: Sequence[int]) -> TrainResult:
+                         seed: int, errors: Sequence[Row]) -> TrainResult:
         """Step 3: ERM on the training rows with the error set repeated λ_up times."""
-        upsampled = list(train_rows) + [train_rows[i] for i in errors for _ in range(self.upweight - 1)]
+        upsampled = list(train_rows) + [row for row in errors for _ in range(self.upweight - 1)]
         config = config.model_copy(update={"seed": seed})
         model = build_model(config, num_classes(train_rows, val_rows))
         history, best = fit(model, upsampled, val_rows, config, seed)
-        error_ids = [train_rows[i]["image_id"] for i in errors]
+        error_ids = [row["image_id"] for row in errors]
         return TrainResult(model, history, best, {"error_set": error_ids, "n_train_rows": len(upsampled),
                                                   "identification_epochs": self.identification_epochs, "upweight": self.upweight})
 
