@@ -238,3 +238,22 @@ def test_the_key_is_never_logged_cached_or_in_identity(server, tmp_path, caplog)
     texts = {"logs": caplog.text, "cache": cached, "identity": OpenAIExtractor(cfg).identity,
              "rows": json.dumps(result.rows), "stats": json.dumps(result.stats)}
     assert not [where for where, text in texts.items() if SECRET in text or "SECRET-123" in text]
+
+
+def test_the_prompt_and_exemplars_do_not_hand_the_llm_the_papers_findings():
+    """The paper's own exemplar (dog sled) plus exemplars from domains none of the benchmarks use: nothing that
+    repeats ASPIRE's Table 4 findings for Waterbirds, CelebA, SpuCo Dogs or Hard ImageNet (issue 13, defect 5)."""
+    import json as json_module
+
+    from tasks.extract import prompt_file
+
+    exemplars = [json_module.loads(line) for line in prompt_file("extract_exemplars.jsonl").read_text().splitlines()
+                 if line.strip()]
+    assert exemplars[0]["label"] == "Dog Sled" and exemplars[0]["alt"] == ["desert"]
+    findings = ("bird", "forest", "ocean", "water", "lake", "beach", "volleyball", "couch", "sofa", "keyboard",
+                "mouse", "space bar", "blond", "hair", "male", "indoor", "outdoor", "dog", "grass", "park")
+    for exemplar in exemplars[1:]:
+        text = json_module.dumps(exemplar).lower()
+        assert not [w for w in findings if w in text], exemplar
+    prompt = prompt_file("extract_prompt.txt").read_text().lower()
+    assert not [w for w in ("water", "forest", "indoors", "outdoors") if w in prompt]
