@@ -130,9 +130,9 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
     before, after = report.get("before"), report.get("after")
     if before:
         lines += ["", "## Test accuracy before and after augmentation", "", "| | average | worst group |", "|---|---|---|",
-                  f"| before (ERM) | {_pct(before['avg_acc'])} | {_pct(before['worst_group_acc'])} ({_cell(before['worst_group'])}) |"]
+                  f"| before (ERM, last epoch) | {_pct(before['avg_acc'])} | {_pct(before['worst_group_acc'])} ({_cell(before['worst_group'])}) |"]
         if after:
-            lines.append(f"| after (retrained on the augmented set) | {_pct(after['avg_acc'])} | "
+            lines.append(f"| after (ERM retrained on the augmented set, last epoch) | {_pct(after['avg_acc'])} | "
                          f"{_pct(after['worst_group_acc'])} ({_cell(after['worst_group'])}) |")
         lines += ["", "| group | before | after |", "|---|---|---|"]
         lines += [f"| {_cell(g)} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
@@ -307,6 +307,12 @@ GENERATED_IMAGES_GO = {  # ASPIRE App. A.4: two-stage methods get the augmentati
     "clarify": "their own slice per class (<class>|generated) in the slice-balanced training",
     "slim": "joined to the curated set as they are (not screened)",
 }
+MODEL_SELECTION = {  # the trainers that do not report their own rule in extras["selection"]
+    "erm": "the epoch with the best worst-group validation accuracy (average accuracy when val has no groups)",
+    "jtt": "stage 2: the epoch with the best worst-group validation accuracy",
+    "groupdro": "the epoch with the best worst-group validation accuracy",
+    "dfr": "C with the best worst-group accuracy on one half of the validation set",
+}
 METHOD_NAMES = {"erm": "ERM", "jtt": "JTT", "dfr": "DFR", "groupdro": "Group DRO", "clarify": "CLARIFY", "slim": "SLIM"}
 
 
@@ -344,6 +350,10 @@ def render_robust(robust: dict[str, Any], level: str = "#") -> list[str]:
         out += ["", "Where the generated images go (ASPIRE App. A.4): " + "; ".join(
             f"{METHOD_NAMES.get(m, m)}: {GENERATED_IMAGES_GO[m]}" for m in dict.fromkeys(l["method"] for l in lines)
             if m in GENERATED_IMAGES_GO) + "."]
+    rules = {m: MODEL_SELECTION[m] for m in dict.fromkeys(l["method"] for l in lines)
+             if m in MODEL_SELECTION and not any(x.get("selection") for x in lines if x["method"] == m)}
+    if rules:  # not the run's own ERM rows of report.md, which keep the last epoch
+        out += ["", "Model selection: " + "; ".join(f"{METHOD_NAMES.get(m, m)}: {r}" for m, r in rules.items()) + "."]
     for l in lines:  # the human-in-the-loop methods: what the person gave and how the model was selected
         if l.get("budget") or l.get("selection"):
             budget = ", ".join(f"{v} {k}" for k, v in (l.get("budget") or {}).items())

@@ -102,3 +102,15 @@ def test_robust_table_says_where_each_method_puts_the_generated_images():
     text = "\n".join(render_robust(robust))
     assert "JTT: stage 2 only: the error set is identified on the original rows" in text
     assert "DFR: stage 2 only: the base ERM model is trained on the original rows" in text
+
+
+def test_each_erm_row_names_its_selection_rule():
+    from aspire.report import render_robust
+
+    before = evaluation({"cat/grass": 1.0, "fox/grass": 0.9})
+    text = render_markdown(build_report({"holdout": {"before": {"test": before}}, "retrain": {"after": {"test": before}}}))
+    assert "| before (ERM, last epoch) |" in text and "| after (ERM retrained on the augmented set, last epoch) |" in text
+    line = {"seeds": 1, "avg_acc": 0.5, "avg_std": 0.0, "worst_group_acc": 0.1, "worst_std": 0.0, "per_group": {},
+            "method": "erm", "data": "original"}
+    robust = "\n".join(render_robust({"grouping": {"original": {"groups": "labels"}}, "lines": [line]}))
+    assert "Model selection: ERM: the epoch with the best worst-group validation accuracy" in robust
