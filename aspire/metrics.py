@@ -8,29 +8,36 @@ from typing import Iterable
 from aspire.manifest import Row
 
 
-def group_accuracy(rows: Iterable[Row], pred_column: str = "pred") -> dict:
+def group_name(row: Row) -> str:
+    """The group a row is counted in: ``<group>``, ``<group>:<group_name>``, or ``class:<name>`` without a group."""
+    group = row.get("group")
+    if group is None:
+        return f"class:{row['class_name']}"
+    return f"{group}:{row['group_name']}" if row.get("group_name") else str(group)
+
+
+def group_accuracy(rows: Iterable[Row], pred_column: str = "pred", train_rows: Iterable[Row] = ()) -> dict:
     """Accuracy of ``pred_column`` against ``label``.
 
     Groups are named ``<group>`` or, when rows carry a ``group_name``, ``<group>:<group_name>``. Rows without
     a ``group`` are grouped by class (``class:<name>``), so worst-group accuracy is still meaningful (worst
     class) when a dataset has no group labels.
 
+    ``train_rows`` given: also ``weighted_avg_acc``, the per-group accuracies weighted by the groups' shares of the
+    training rows, the "average accuracy" DFR, JTT and ASPIRE report on Waterbirds, whose test groups are balanced
+    unlike its training groups (groups absent from the test rows are left out and the weights renormalised).
+
     Returns:
-        ``{"n", "avg_acc", "worst_group_acc", "worst_group", "per_group": {group: acc}, "group_sizes": {...}}``;
-        accuracies are ``None`` when there are no rows.
+        ``{"n", "avg_acc", "worst_group_acc", "worst_group", "per_group": {group: acc}, "group_sizes": {...}}``
+        (+ ``weighted_avg_acc``); accuracies are ``None`` when there are no rows.
     """
     hits: dict[str, list[int]] = defaultdict(list)
     for row in rows:
-        group = row.get("group")
-        if group is None:
-            name = f"class:{row['class_name']}"
-        else:
-            name = f"{group}:{row['group_name']}" if row.get("group_name") else str(group)
-        hits[name].append(int(row[pred_column] == row["label"]))
+        hits[group_name(row)].append(int(row[pred_column] == row["label"]))
     everything = [h for hs in hits.values() for h in hs]
     per_group = {g: sum(h) / len(h) for g, h in sorted(hits.items(), key=lambda kv: _sort_key(kv[0]))}
     worst = min(per_group, key=per_group.get) if per_group else None
-    return {
+    result = {
         "n": len(everything),
         "avg_acc": sum(everything) / len(everything) if everything else None,
         "worst_group_acc": per_group[worst] if worst is not None else None,
@@ -38,6 +45,13 @@ def group_accuracy(rows: Iterable[Row], pred_column: str = "pred") -> dict:
         "per_group": per_group,
         "group_sizes": {g: len(hits[g]) for g in per_group},
     }
+    train_sizes: dict[str, int] = defaultdict(int)
+    for row in train_rows:
+        train_sizes[group_name(row)] += 1
+    shared = {g: n for g, n in train_sizes.items() if g in per_group}
+    if shared:
+        result["weighted_avg_acc"] = sum(per_group[g] * n for g, n in shared.items()) / sum(shared.values())
+    return result
 
 
 def _sort_key(name: str) -> tuple[int, int | str]:

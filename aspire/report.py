@@ -129,11 +129,13 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
     lines += ["", "## Counts", ""] + [f"- {k}: {v}" for k, v in report["counts"].items() if v is not None]
     before, after = report.get("before"), report.get("after")
     if before:
-        lines += ["", "## Test accuracy before and after augmentation", "", "| | average | worst group |", "|---|---|---|",
-                  f"| before (ERM, last epoch) | {_pct(before['avg_acc'])} | {_pct(before['worst_group_acc'])} ({_cell(before['worst_group'])}) |"]
+        lines += ["", "## Test accuracy before and after augmentation", "",
+                  "| | average | average weighted by the training groups | worst group |", "|---|---|---|---|",
+                  f"| before (ERM, last epoch) | {_pct(before['avg_acc'])} | {_pct(before.get('weighted_avg_acc'))} | "
+                  f"{_pct(before['worst_group_acc'])} ({_cell(before['worst_group'])}) |"]
         if after:
             lines.append(f"| after (ERM retrained on the augmented set, last epoch) | {_pct(after['avg_acc'])} | "
-                         f"{_pct(after['worst_group_acc'])} ({_cell(after['worst_group'])}) |")
+                         f"{_pct(after.get('weighted_avg_acc'))} | {_pct(after['worst_group_acc'])} ({_cell(after['worst_group'])}) |")
         lines += ["", "| group | before | after |", "|---|---|---|"]
         lines += [f"| {_cell(g)} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
         worse = report.get("worse_groups") or {}

@@ -201,7 +201,7 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         args = config.retrain.trainer_args(config.retrain.method, str(classifier.model_file(stores["classifier"])))
         predicted = on_gpu(retrain.robust_task, settings.device)(store, rows, settings, config.retrain.method, args)
         summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method, "grouping": grouping,
-                   "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}
+                   "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows)}
         return predicted, summary, [store.part_ref(retrain.ROBUST_PART)]
     trained = on_gpu(classifier.train_task, settings.device)(store, rows, settings)
     model_digest = trained["files"][classifier.MODEL_FILE]
@@ -210,7 +210,7 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
                                     config.runner.shard_size,
                                     salt=model_digest, model_digest=model_digest)
     summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
-               "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted)}
+               "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows)}
     return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
 
 

@@ -31,11 +31,15 @@ def select_holdout(rows: list[Row], config: HoldoutConfig) -> list[Row]:
     return [{**r, "holdout": r["image_id"] in keep} for r in rows]
 
 
-def evaluate(rows: list[Row]) -> dict:
-    """Accuracy (average, per group, worst group) of the ``pred`` column on the val and test splits."""
+def evaluate(rows: list[Row], train_rows: list[Row] | None = None) -> dict:
+    """Accuracy (average, per group, worst group, and the average weighted by the training groups' shares) of the
+    ``pred`` column on the val and test splits; the training rows are ``rows``' own unless given (generated rows
+    never count: the weights are the dataset's)."""
+    train = [r for r in (rows if train_rows is None else train_rows)
+             if r["split"] == "train" and r.get("source") != "generated"]
     result = {}
     for split in ("val", "test"):
         split_rows = [r for r in rows if r["split"] == split]
         if split_rows:
-            result[split] = group_accuracy(split_rows)
+            result[split] = group_accuracy(split_rows, train_rows=train)
     return result

@@ -1,3 +1,5 @@
+import pytest
+
 from aspire.metrics import group_accuracy
 
 
@@ -20,3 +22,14 @@ def test_rows_without_groups_fall_back_to_classes():
 
 def test_empty():
     assert group_accuracy([])["avg_acc"] is None
+
+
+def test_average_weighted_by_training_groups_as_the_waterbirds_papers_report():
+    """Balanced test groups, imbalanced training groups: the weighted average follows the training shares."""
+    test = [{"label": 0, "class_name": "a", "group": g, "pred": p} for g, preds in ((0, [0, 0, 0, 0]), (1, [0, 1, 1, 1]))
+            for p in preds]  # group 0: 100%, group 1: 25%
+    train = [{"label": 0, "class_name": "a", "group": 0}] * 9 + [{"label": 0, "class_name": "a", "group": 1}]
+    result = group_accuracy(test, train_rows=train)
+    assert result["avg_acc"] == pytest.approx(0.625)
+    assert result["weighted_avg_acc"] == pytest.approx(0.9 * 1.0 + 0.1 * 0.25)
+    assert "weighted_avg_acc" not in group_accuracy(test)
