@@ -202,12 +202,19 @@ class PersonalizeConfig(Section):
     model: str = Field("runwayml/stable-diffusion-v1-5", description="Stable Diffusion v1.x: hub id or local folder.")
     placeholder: str = Field("<{class_name}>", description="Placeholder token per class ({class_name} is filled in).")
     initializer_token: str | None = Field(
-        None, description="Token the new embedding starts from; default: the class name's last word if it is one token, else 'object'.")
+        None, description="Token every class's new embedding starts from; default: the class's own label word (see "
+        "initializer_tokens).")
+    initializer_tokens: dict[str, str] = Field(
+        default_factory=dict, description="Per class (class name -> one word of the tokenizer), the word its token "
+        "starts from; wins over initializer_token. Default for a class not listed: its name's last word that is one "
+        "token and not a negation (ASPIRE App. E.2: the token is the class label), else 'object'. Checked against "
+        "the tokenizer before the run.")
     steps: int = Field(1000, ge=1, description="Optimisation steps per class (paper / reference code: 1000... 3000).")
     lr: float = Field(5e-4, gt=0, description="Learning rate (ASPIRE: 5e-4).")
     scale_lr: bool = Field(True, description="Multiply lr by batch_size x gradient_accumulation, as the reference code does.")
     batch_size: int = Field(1, ge=1, description="Images per step.")
-    gradient_accumulation: int = Field(4, ge=1, description="Steps accumulated per optimiser update.")
+    gradient_accumulation: int = Field(8, ge=1, description="Steps accumulated per optimiser update (batch_size x "
+                                       "this = the effective batch; ASPIRE App. E.2: 8).")
     resolution: int = Field(512, ge=32, description="Training resolution (SD v1.x: 512).")
     repeats: int = Field(100, ge=1, description="How often each image is repeated per epoch of the dataloader.")
     min_images: int = Field(3, ge=1, description="Fewer kept edits in the top-k groups: use all of the class's kept edits; still fewer: skip the class with a reason.")

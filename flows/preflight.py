@@ -57,6 +57,7 @@ def preflight(config: RunConfig, until: str = STAGES[-1], methods: tuple[str, ..
         checks.background(config)
     if "personalize" in stages and config.personalize.backend == "textual-inversion":
         checks.model("personalize.model", config.personalize.model)
+        checks.initializers(config)
     if "generate" in stages and config.generate.backend == "textual-inversion":
         checks.model("personalize.model", config.personalize.model)
         checks.prompt("generate.prompt", config.generate.prompt)
@@ -86,6 +87,7 @@ class Checks:
     def __init__(self) -> None:
         self.problems: list[str] = []
         self.hub_models: list[str] = []  # hub ids found in the local cache
+        self.class_names: list[str] = []  # from the dataset listing
 
     def add(self, key: str, value: object, problem: str) -> None:
         line = f"{key}={'unset' if value is None else repr(str(value))}: {problem}"
@@ -102,8 +104,21 @@ class Checks:
         except (DatasetError, ManifestError) as exc:
             self.problems.append(f"dataset ({config.dataset.format} at {config.dataset.root}): {exc}")
             return
+        self.class_names = sorted({r["class_name"] for r in rows})
         if not any(r["split"] == "train" for r in rows):
             self.add("dataset.root", config.dataset.root, "no training images found")
+
+    def initializers(self, config: RunConfig) -> None:
+        """Each class's initial word for textual inversion is one token of the model's tokenizer, and no two
+        classes share one (needs the tokenizer: skipped when the model itself was not found)."""
+        if not self.class_names or any(p.startswith("personalize.model=") for p in self.problems):
+            return
+        from tasks.personalize import check_initializers
+
+        try:
+            self.problems += check_initializers(self.class_names, config.personalize)
+        except (OSError, ValueError) as exc:  # the tokenizer could not be read: the model check said why, or will
+            self.add("personalize.model", config.personalize.model, f"its tokenizer does not load: {exc}")
 
     def device(self, key: str, device: str, dtype: str = "float32") -> None:
         wants_cuda = device.startswith("cuda")

@@ -7,6 +7,7 @@ output depends on); :data:`COMPUTE` maps stage names to them. The logic itself l
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -136,7 +137,7 @@ def _summary_of(stores: dict[str, StageStore], name: str) -> dict:
 
 
 def _personalize(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
-    summary = {"rows_in": len(rows), "failures": 0, "tokens": {}, "skipped": {}}
+    summary = {"rows_in": len(rows), "failures": 0, "tokens": {}, "skipped": {}, "learned_from": {}}
     if config.personalize.backend == "none":
         return rows, {**summary, "skipped": {"*": "personalize.backend is none"}}, []
     from tasks import personalize
@@ -147,8 +148,15 @@ def _personalize(config: RunConfig, runner, store: StageStore, rows: list[Row], 
         if not paths:
             summary["skipped"][name] = reason
             continue
-        marker = on_gpu(personalize.personalize_class_task, config.personalize.device)(
-            store, name, [str(p) for p in paths], config.personalize)
+        try:
+            marker = on_gpu(personalize.personalize_class_task, config.personalize.device)(
+                store, name, [str(p) for p in paths], config.personalize)
+        except ValueError as exc:  # e.g. an initial word the tokenizer splits: this class is skipped, with why
+            summary["skipped"][name] = str(exc).splitlines()[0]
+            get_run_logger().warning("personalize: %s skipped: %s", name, summary["skipped"][name])
+            continue
+        summary["learned_from"][name] = {"rule": rule, "initializer": marker.get("initializer"),
+                                         "images": [Path(p).name for p in paths]}
         part = personalize.part_name(name)
         summary["tokens"][name] = [str(store.part_dir(part) / personalize.EMBEDS_FILE), marker["placeholder"], rule]
         parts.append(store.part_ref(part))

@@ -119,19 +119,41 @@ def load_tokenizer(config: PersonalizeConfig):
     return _from_pretrained(CLIPTokenizer, config, "tokenizer")
 
 
-def initializer_for(class_name: str, tokenizer, config: PersonalizeConfig) -> str:
-    """The token the class's new embedding starts from.
+NEGATIONS = {"not", "no", "non", "without"}
 
-    ``personalize.initializer_token`` when set; else the class name's last word when it is one token of the
-    tokenizer (``tokenizer=None``: the model's tokenizer is loaded, a small file); else ``"object"``.
+
+def initializer_for(class_name: str, tokenizer, config: PersonalizeConfig) -> str:
+    """The word the class's new embedding starts from (not checked here: :func:`check_initializers` does).
+
+    ``personalize.initializer_tokens[class_name]``, else ``personalize.initializer_token``, else the class name's
+    last word that is one token of the tokenizer and not a negation ("not_Blond_Hair" -> "hair", as for
+    "Blond_Hair": set ``initializer_tokens`` when two classes would start alike), else ``"object"``
+    (``tokenizer=None``: the model's tokenizer is loaded, a small file).
     """
+    if class_name in config.initializer_tokens:
+        return config.initializer_tokens[class_name]
     if config.initializer_token:
         return config.initializer_token
-    words = re.findall(r"[a-z0-9]+", class_name.lower())
-    if not words:
-        return "object"
+    words = [w for w in re.findall(r"[a-z0-9]+", class_name.lower()) if w not in NEGATIONS]
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
-    return words[-1] if len(tokenizer.encode(words[-1], add_special_tokens=False)) == 1 else "object"
+    return next((w for w in reversed(words) if len(tokenizer.encode(w, add_special_tokens=False)) == 1), "object")
+
+
+def check_initializers(class_names: list[str], config: PersonalizeConfig, tokenizer=None) -> list[str]:
+    """One line per problem with the classes' initial words: a word the tokenizer splits into several tokens, or
+    two classes starting from the same word (their tokens would start identical). Empty when all is well."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config)
+    words = {name: initializer_for(name, tokenizer, config) for name in class_names}
+    problems = [f"personalize.initializer_tokens[{name!r}]={word!r}: the tokenizer splits it into "
+                f"{len(tokenizer.encode(word, add_special_tokens=False))} tokens; give one word it knows whole"
+                for name, word in words.items() if len(tokenizer.encode(word, add_special_tokens=False)) != 1]
+    by_word: dict[str, list[str]] = {}
+    for name, word in words.items():
+        by_word.setdefault(word, []).append(name)
+    problems += [f"personalize.initializer_tokens: classes {names} would all start from {word!r}; give each its "
+                 f"own word (e.g. {{{names[0]!r}: ..., {names[1]!r}: ...}})"
+                 for word, names in by_word.items() if len(names) > 1 and not config.initializer_token]
+    return problems
 
 
 def select_training_images(rows: list[Row], class_name: str, min_images: int) -> tuple[list[Path], str, str]:

@@ -17,6 +17,7 @@ from tasks.personalize import (
     CHECKPOINT_FILE,
     EMBEDS_FILE,
     TOKEN_FILE,
+    check_initializers,
     initializer_for,
     part_name,
     personalize_class_task,
@@ -187,6 +188,20 @@ def test_initializer_placeholder_and_identity(tiny_sd):
     assert initializer_for("Tabby_Cat", None, config(model)) == "cat"  # None: the model's tokenizer is loaded
     assert initializer_for("waterbird", tokenizer, config(model)) == "object"
     assert initializer_for("waterbird", tokenizer, config(model, initializer_token="bird")) == "bird"
+    assert initializer_for("not_tabby_cat", tokenizer, config(model)) == "cat"  # negations are skipped
+    per_class = config(model, initializer_tokens={"waterbird": "cat"}, initializer_token="object")
+    assert initializer_for("waterbird", tokenizer, per_class) == "cat"  # the per-class word wins
+
+
+def test_initial_words_are_checked_before_the_run(tiny_sd):
+    """Both CelebA-style classes would start from the same word, a word may be split: found up front, by name."""
+    model, _ = tiny_sd
+    problems = check_initializers(["Tabby_Cat", "not_Tabby_Cat", "waterbird"], config(model))
+    assert any("'Tabby_Cat', 'not_Tabby_Cat'] would all start from 'cat'" in p for p in problems)
+    problems = check_initializers(["waterbird"], config(model, initializer_tokens={"waterbird": "dog"}))
+    assert problems == ["personalize.initializer_tokens['waterbird']='dog': the tokenizer splits it into 3 tokens; "
+                        "give one word it knows whole"]
+    assert check_initializers(["Tabby_Cat", "waterbird"], config(model)) == []
     assert placeholder_for("dog sled", config(model)) == "<dog_sled>"
     assert personalize_identity(config(model)).startswith(f"textual-inversion:{model.resolve()}@")
     assert personalize_identity(PersonalizeConfig()).startswith("textual-inversion:runwayml/stable-diffusion-v1-5:")
