@@ -135,6 +135,9 @@ class RemoveConfig(Section):
     groundingdino_config: Path | None = Field(None, description="groundingdino: the model's python config file (e.g. GroundingDINO_SwinT_OGC.py).")
     groundingdino_checkpoint: Path | None = Field(None, description="groundingdino: the checkpoint (.pth).")
     text_encoder: str = Field("bert-base-uncased", description="groundingdino: BERT text encoder, hub id or local folder (offline use).")
+    grounding: Literal["per-phrase", "joint"] = Field(
+        "per-phrase", description="Grounding DINO prompts: per-phrase (one forward per phrase, as ASPIRE's Algorithm "
+        "1) or joint (all of an image's phrases in one prompt, boxes assigned by token scores: faster, see BENCHMARKS.md).")
     box_threshold: float = Field(0.3, ge=0, le=1, description="Grounding: minimum box score.")
     text_threshold: float = Field(0.25, ge=0, le=1, description="Grounding: minimum phrase-token score.")
     segment: Literal["sam", "hf-sam", "box", "grabcut"] = Field(

@@ -8,10 +8,11 @@ outputs a bounding box". Backends:
 - ``hf-grounding-dino``: transformers ``AutoModelForZeroShotObjectDetection`` (hub id or local folder).
 - ``annotations``: the manifest's ``boxes`` column (datasets that ship boxes; no model).
 
-The model backends ground ALL phrases of an image in ONE forward pass: the prompt is the phrases joined by
-"." and each box is assigned to the phrase whose tokens it scores highest (its text span in the prompt, found
-from the token ids; the decoded label text is not used, it mixes phrases and special tokens at low
-thresholds). ``forward_calls`` counts the forward passes.
+The model backends ground each phrase with its own prompt and forward pass by default (``remove.grounding:
+per-phrase``, ASPIRE's Algorithm 1). ``joint`` grounds ALL phrases of an image in ONE forward pass: the prompt is
+the phrases joined by "." and each box is assigned to the phrase whose tokens it scores highest (its text span in
+the prompt, found from the token ids; the decoded label text is not used, it mixes phrases and special tokens at
+low thresholds). Per phrase is the same code with one phrase per prompt. ``forward_calls`` counts the passes.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def grounder_identity(config: RemoveConfig) -> str:
         raise ValueError(f"remove.ground={config.ground!r}: expected one of {', '.join(BACKENDS)}")
     if config.ground == "annotations":
         return "annotations"
-    thresholds = f"box={config.box_threshold:g},text={config.text_threshold:g}"
+    thresholds = f"box={config.box_threshold:g},text={config.text_threshold:g},{config.grounding}"
     if config.ground == "hf-grounding-dino":
         return f"hf-grounding-dino:{model_identity(config.ground_model)}:{thresholds}"
     cfg = _existing_file(config.groundingdino_config, "groundingdino_config")
@@ -68,6 +69,14 @@ def grounder_identity(config: RemoveConfig) -> str:
 
 
 # -- shared helpers ------------------------------------------------------------------------------------------
+
+
+def ground_phrases(ground_prompt, image: Image.Image, phrases: list[str], mode: str) -> list[Detection]:
+    """``ground_prompt(image, phrases)`` once for all phrases (``joint``), or once per distinct phrase
+    (``per-phrase``: each phrase alone in its prompt, the boxes it gets are its own)."""
+    if mode == "joint":
+        return ground_prompt(image, phrases)
+    return [d for phrase in dict.fromkeys(phrases) for d in ground_prompt(image, [phrase])]
 
 
 def prompt_phrases(phrases: list[str]) -> list[str]:
@@ -198,7 +207,10 @@ class HFGroundingDino:
         log.info("grounding: loaded %s on %s", self.identity, self.device)
 
     def ground(self, image: Image.Image, phrases: list[str], row: Row) -> list[Detection]:
-        """Boxes for ``phrases`` in ``image``, one forward pass (``row`` is not used)."""
+        """Boxes for ``phrases`` in ``image`` (``row`` is not used): one forward per phrase, or one for all."""
+        return ground_phrases(self._ground, image, phrases, self.config.grounding)
+
+    def _ground(self, image: Image.Image, phrases: list[str]) -> list[Detection]:
         # 1. Prompt "phrase one. phrase two." for all phrases at once
         prompts = prompt_phrases(phrases)
         if not prompts:
@@ -299,7 +311,10 @@ class GroundingDinoPy:
         return F.normalize(tensor, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
     def ground(self, image: Image.Image, phrases: list[str], row: Row) -> list[Detection]:
-        """Boxes for ``phrases`` in ``image``, one forward pass (``row`` is not used)."""
+        """Boxes for ``phrases`` in ``image`` (``row`` is not used): one forward per phrase, or one for all."""
+        return ground_phrases(self._ground, image, phrases, self.config.grounding)
+
+    def _ground(self, image: Image.Image, phrases: list[str]) -> list[Detection]:
         # 1. Caption "a . b . c ." for all phrases at once
         prompts = prompt_phrases(phrases)
         if not prompts:
@@ -324,7 +339,7 @@ class GroundingDinoPy:
 
 # -- loading -------------------------------------------------------------------------------------------------
 
-_GROUND_FIELDS = ("ground", "ground_model", "groundingdino_config", "groundingdino_checkpoint", "text_encoder",
+_GROUND_FIELDS = ("ground", "grounding", "ground_model", "groundingdino_config", "groundingdino_checkpoint", "text_encoder",
                   "box_threshold", "text_threshold", "device")
 _grounders: dict[str, Grounder] = {}
 _lock = threading.Lock()

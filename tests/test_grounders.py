@@ -127,7 +127,7 @@ def hf_config(folder: Path | str, **kw) -> RemoveConfig:
 
 
 def test_hf_grounding_dino_one_forward_for_all_phrases(hf_model_dir: Path) -> None:
-    grounder = load_grounder(hf_config(hf_model_dir))
+    grounder = load_grounder(hf_config(hf_model_dir, grounding="joint"))
     assert isinstance(grounder, HFGroundingDino)
     phrases = ["dog", "Orange Sled", "snow"]
     image = Image.new("RGB", (120, 90), (200, 120, 40))
@@ -135,8 +135,21 @@ def test_hf_grounding_dino_one_forward_for_all_phrases(hf_model_dir: Path) -> No
     assert detections and grounder.forward_calls == 1
     assert {d.phrase for d in detections} <= set(phrases)
     assert all(inside(d, image.size) for d in detections)
-    assert load_grounder(hf_config(hf_model_dir, dilate=3)) is grounder  # grounding settings only in the key
+    assert load_grounder(hf_config(hf_model_dir, dilate=3, grounding="joint")) is grounder  # grounding settings only
     assert grounder.ground(image, [], {}) == [] and grounder.forward_calls == 1
+
+
+def test_per_phrase_grounding_is_the_default_one_forward_per_phrase(hf_model_dir: Path) -> None:
+    """ASPIRE's Algorithm 1 grounds each phrase alone: what a phrase gets does not depend on the others."""
+    assert RemoveConfig().grounding == "per-phrase"
+    grounder = load_grounder(hf_config(hf_model_dir))
+    assert grounder is not load_grounder(hf_config(hf_model_dir, grounding="joint"))
+    image = Image.new("RGB", (120, 90), (200, 120, 40))
+    detections = grounder.ground(image, ["dog", "Orange Sled", "snow", "dog"], {})
+    assert grounder.forward_calls == 3  # the repeated phrase is grounded once
+    alone = grounder.ground(image, ["snow"], {})
+    assert [d for d in detections if d.phrase == "snow"] == alone
+    assert grounder_identity(hf_config(hf_model_dir)) != grounder_identity(hf_config(hf_model_dir, grounding="joint"))
 
 
 def test_hf_grounding_dino_bad_model_and_identity(hf_model_dir: Path, tmp_path: Path) -> None:
@@ -197,7 +210,7 @@ def gd_config(files: tuple[Path, Path, Path], **kw) -> RemoveConfig:
 
 def test_groundingdino_py_one_forward_for_all_phrases(gdino_files, monkeypatch) -> None:
     monkeypatch.setattr(GroundingDinoPy, "image_size", 160)  # >= 128 px: smaller fails in GroupNorm
-    grounder = load_grounder(gd_config(gdino_files))
+    grounder = load_grounder(gd_config(gdino_files, grounding="joint"))
     assert isinstance(grounder, GroundingDinoPy)
     assert grounder.transform(Image.new("RGB", (320, 200))).shape == (3, 160, 256)
     image = Image.new("RGB", (160, 160), (30, 90, 200))
