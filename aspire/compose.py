@@ -224,12 +224,13 @@ def composition_row(split: str, label: int, wnid: str, names: dict[str, str], gr
     ``group`` is the integer id ``GROUPS.index(letters) * len(sizes) + size rank`` and ``group_name`` e.g.
     ``CeR56``, so group-aware trainers see the four letters x size."""
     x0, y0, x1, y1 = largest_box(source["boxes"])
-    w, h = object_size(x1 - x0, y1 - y0, size, settings.aspect, settings.canvas)
+    aspect = settings.aspect if split == "test" else "square"  # the AR-preserving variant is a test set (Sec. 4)
+    w, h = object_size(x1 - x0, y1 - y0, size, aspect, settings.canvas)
     x, y = placement(w, h, position, settings.canvas)
     return {"image_id": f"{split}-{wnid}-{group}{size}-{k:04d}", "split": split, "label": label, "wnid": wnid,
             "class_name": names.get(wnid, wnid), "group": GROUPS.index(group) * len(settings.sizes)
             + settings.sizes.index(size), "group_name": f"{group}{size}", "letters": group,
             "category": category(group, size, settings.sizes), "size": size, "position": position,
-            "object_box": [x, y, x + w, y + h], "variant": variant, "aspect": settings.aspect,
+            "object_box": [x, y, x + w, y + h], "variant": variant, "aspect": aspect,
             "foreground_image": source["image_id"], "background_image": background["image_id"],
             "background_wnid": background["wnid"], "background_class": background["class_name"]}

@@ -462,8 +462,9 @@ class ComposeSettings(Section):
                              "the shorter side when aspect=preserve).")
     canvas: int = Field(224, ge=32, description="Side of the square output images and backgrounds.")
     aspect: Literal["square", "preserve"] = Field(
-        "square", description="square: the object crop resized to size x size; preserve: shorter side to size, "
-        "longer side clamped to the canvas.")
+        "square", description="square: the object crop resized to size x size; preserve: the test split's objects "
+        "keep their aspect ratio, shorter side to size, longer side clamped to the canvas (train and val stay "
+        "square: the paper's AR-preserving variant is a test set, Sec. 4).")
     test_corner: Literal["top-right", "random"] = Field(
         "top-right", description="Corner of the test split's Co groups: top-right (as train/val) or a random corner.")
     variant: Literal["v1", "v2"] = Field(
@@ -494,8 +495,9 @@ class ComposeRunConfig(Section):
     output: Path | None = Field(None, description="Image folder written at the end (default <workdir>/dataset).")
     source: ComposeSource
     compose: ComposeSettings = ComposeSettings()
-    remove: RemoveConfig = Field(RemoveConfig(inpaint="opencv", segment="box"),
-                                 description="Object removal: segment (mask=segmenter), dilate (15), inpaint, device.")
+    remove: RemoveConfig = Field(RemoveConfig(inpaint="opencv", segment="box"), description=(
+        "Object removal: segment (the inpainting masks: sam as the paper, box the boxes; with compose.mask="
+        "segmenter also the pasted objects' alpha), dilate (15), inpaint, device."))
     runner: RunnerConfig = RunnerConfig()
 
 

@@ -1,9 +1,11 @@
 """The compositor's two sharded steps (Hard-Spurious-ImageNet, App. C and Sec. 4).
 
-``backgrounds``: per source image, remove the class's objects (boxes, or segmenter masks prompted by them),
-dilate the mask (``remove.dilate``, 15 as in App. C), inpaint (the remove stage's ``lama`` or ``opencv``
-backends), resize to the canvas and save ``background.png``; crop the largest object (with its mask as alpha
-for ``mask=segmenter``), at most canvas pixels on its shorter side, and save ``object.png``. The step does not
+``backgrounds``: per source image, remove the class's objects (masks from ``remove.segment`` prompted by their
+boxes: ``sam`` as the paper, Sec. 3.3 and App. C; ``box`` the boxes themselves), dilate the mask
+(``remove.dilate``, 15 as in App. C), inpaint (the remove stage's ``lama`` or ``opencv`` backends), resize to
+the canvas and save ``background.png``; crop the largest object (with its mask as alpha for
+``compose.mask=segmenter``, the paper's SAM variant of App. E), at most canvas pixels on its shorter side, and
+save ``object.png``. The step does not
 depend on the object sizes or the plan, so changing them never re-inpaints.
 
 ``compose``: per planned composition, paste the object, resized, onto the background and save a JPEG. A shard
@@ -41,7 +43,7 @@ OBJECT = "object.png"
 def backgrounds_identity(config: ComposeRunConfig) -> dict:
     """Everything the backgrounds step's output depends on (its stage key), and nothing else."""
     remove = config.remove
-    return {"mask": config.compose.mask, "segmenter": segmenter_identity(remove) if config.compose.mask == "segmenter"
+    return {"mask": config.compose.mask, "segmenter": segmenter_identity(remove) if remove.segment != "box"
             else "box", "inpainter": inpainter_identity(remove), "dilate": remove.dilate, "max_side": remove.max_side,
             "canvas": config.compose.canvas}
 
@@ -73,7 +75,7 @@ def _object_crop(image: Image.Image, box: list[float], mask: np.ndarray | None, 
 def run_backgrounds(rows: list[Row], out: Path, config: ComposeRunConfig) -> ShardResult:
     """Backgrounds and object crops of one shard of source rows; unreadable images are quarantined."""
     remove, canvas = config.remove, config.compose.canvas
-    segmenter = load_segmenter(remove) if config.compose.mask == "segmenter" else None
+    segmenter = load_segmenter(remove) if remove.segment != "box" else None  # the inpainting masks
     inpainter = load_inpainter(remove)
     images, holes, kept, quarantine = [], [], [], []
     for row in rows:
@@ -85,10 +87,9 @@ def run_backgrounds(rows: list[Row], out: Path, config: ComposeRunConfig) -> Sha
         largest = largest_box(boxes)
         if segmenter is not None:
             masks = segmenter.segment(image, boxes)  # one (H, W) bool per box
-            core = masks[boxes.index(largest)]
         else:
             masks = [box_mask(image.size, box) for box in boxes]
-            core = None
+        core = masks[boxes.index(largest)] if config.compose.mask == "segmenter" else None  # the object's alpha
         hole = dilate(np.logical_or.reduce(masks), remove.dilate)
         folder = out / row["image_id"]
         folder.mkdir()

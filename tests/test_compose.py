@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from aspire.compose import (
     GROUPS,
@@ -245,8 +245,13 @@ def test_aspect_preserving_segmenter_masks_and_robust_trainer_input(trees, tmp_p
     assert {r["variant"] for r in rows} == {"v1-sam"}
     for r in rows:
         x0, y0, x1, y1 = r["object_box"]
-        assert min(x1 - x0, y1 - y0) == int(r["size"]) or max(x1 - x0, y1 - y0) == 64  # shorter side, or clamped
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+        if r["split"] == "test":  # the AR-preserving variant is a test set (Sec. 4): shorter side, or clamped
+            assert r["aspect"] == "preserve"
+            assert min(x1 - x0, y1 - y0) == int(r["size"]) or max(x1 - x0, y1 - y0) == 64
+        else:  # train and val stay square
+            assert r["aspect"] == "square" and x1 - x0 == y1 - y0 == int(r["size"])
+    assert any(x1 - x0 != y1 - y0 for x0, y0, x1, y1 in (r["object_box"] for r in rows if r["split"] == "test"))
     objects = list((tmp_path / "run" / "backgrounds").rglob("object.png"))
     assert objects and all(Image.open(p).mode == "RGBA" for p in objects)
     groups = {(r["group"], r["group_name"]) for r in rows}
@@ -329,3 +334,30 @@ def test_manifest_sources_from_the_synthetic_benchmark(tmp_path):
     for source in sources.rows:  # only the class's own box, not the planted object's
         (box,) = [b["box"] for b in by_id[source["image_id"]]["boxes"] if b["phrase"] == source["class_name"]]
         assert source["boxes"] == [list(map(float, box))]
+
+
+def test_backgrounds_are_inpainted_under_segmenter_masks_without_the_sam_variant(tmp_path):
+    """Sec. 3.3 / App. C: the object is removed under its (SAM) mask dilated by 15 whatever compose.mask is;
+    compose.mask=segmenter (the App. E variant) only adds the mask as the pasted object's alpha."""
+    from aspire.config import ComposeRunConfig
+    from tasks.compose import run_backgrounds
+
+    image = Image.new("RGB", (96, 96), (40, 140, 40))
+    ImageDraw.Draw(image).ellipse((30, 30, 66, 66), fill=(220, 30, 30))
+    image.save(tmp_path / "src.png")
+    row = {"image_id": "a", "path": str(tmp_path / "src.png"), "boxes": [[24.0, 24.0, 72.0, 72.0]]}
+
+    def prepare(name: str, **settings) -> dict:
+        config = ComposeRunConfig.model_validate({
+            "workdir": str(tmp_path), "source": {"format": "imagenet", "root": str(tmp_path)},
+            "compose": {"canvas": 64, "sizes": [32], **settings.pop("compose", {})},
+            "remove": {"inpaint": "opencv", "dilate": 0, **settings}})
+        (tmp_path / name).mkdir()
+        return run_backgrounds([row], tmp_path / name, config).rows[0]
+
+    box = prepare("box", segment="box")
+    masked = prepare("grabcut", segment="grabcut")
+    assert masked["hole_fraction"] < box["hole_fraction"]  # the disc, not its box
+    assert Image.open(masked["object_path"]).mode == "RGB"  # no alpha without compose.mask=segmenter
+    sam_variant = prepare("variant", segment="grabcut", compose={"mask": "segmenter"})
+    assert Image.open(sam_variant["object_path"]).mode == "RGBA"
