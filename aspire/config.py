@@ -271,6 +271,12 @@ class RetrainConfig(Section):
     seed: int | None = Field(None, description="Seed of weight init and data order (default: classifier.seed).")
     jtt_epochs: int = Field(1, ge=1, description="JTT: T, epochs of the identification model (JTT paper: 1-60).")
     jtt_upweight: int = Field(20, ge=1, description="JTT: lambda_up, copies of each error-set row (JTT paper: 20-100).")
+    jtt_lr: float | None = Field(None, gt=0, description="JTT: learning rate of both stages (None: classifier.lr; "
+                                 "JTT App. A: 1e-5 on Waterbirds and CelebA).")
+    jtt_l2: float | None = Field(None, ge=0, description="JTT: weight decay of both stages (None: classifier."
+                                 "weight_decay; JTT App. A: 1.0 Waterbirds, 0.1 CelebA).")
+    groupdro_lr: float | None = Field(None, gt=0, description="Group DRO: learning rate (None: classifier.lr; "
+                                      "Sagawa et al.: 1e-5 on Waterbirds and CelebA).")
     groupdro_step_size: float = Field(0.01, gt=0, description="Group DRO: step size of the group weights (paper: 0.01).")
     groupdro_l2: float | None = Field(None, ge=0, description="Group DRO: weight decay replacing classifier.weight_decay (strong L2, e.g. 1.0).")
     dfr_base: Literal["classifier", "train"] = Field(
@@ -334,10 +340,11 @@ class RetrainConfig(Section):
                     "n_queries": self.slim_queries, "budget_fraction": self.slim_budget,
                     "flip_rate": self.slim_flip_rate, "reference_model_path": erm_model}
         if method == "jtt":
-            return {"identification_epochs": self.jtt_epochs, "upweight": self.jtt_upweight}
+            return {"identification_epochs": self.jtt_epochs, "upweight": self.jtt_upweight, "lr": self.jtt_lr,
+                    "l2": self.jtt_l2}
         if method == "groupdro":
             return {"step_size": self.groupdro_step_size, "l2": self.groupdro_l2, "balanced": self.groupdro_balanced,
-                    "adjustment": self.groupdro_adjustment}
+                    "adjustment": self.groupdro_adjustment, "lr": self.groupdro_lr}
         return {}
 
 

@@ -26,3 +26,16 @@ def test_compose_config_validates_and_bad_values_are_named(name, tmp_path):
         load_config(FOLDER / name, ["compose.sizes=[56, 300]"], base=tmp_path, model=ComposeRunConfig)
     with pytest.raises(ConfigError, match="compose.aspect"):
         load_config(FOLDER / name, ["compose.aspect=stretch"], base=tmp_path, model=ComposeRunConfig)
+
+
+def test_real_data_configs_carry_the_papers_trainer_settings():
+    """ASPIRE: 100 ERM epochs; JTT App. A: (T, lambda_up, lr, l2) per dataset; Group DRO's lr and l2."""
+    from aspire.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("waterbirds", "celeba", "spuco_dogs", "hard_imagenet"):
+        assert load_config(root / f"{name}.yaml").classifier.epochs == 100, name
+    waterbirds, celeba = load_config(root / "waterbirds.yaml").retrain, load_config(root / "celeba.yaml").retrain
+    assert waterbirds.trainer_args("jtt") == {"identification_epochs": 60, "upweight": 100, "lr": 1e-5, "l2": 1.0}
+    assert celeba.trainer_args("jtt") == {"identification_epochs": 1, "upweight": 50, "lr": 1e-5, "l2": 0.1}
+    assert (waterbirds.groupdro_lr, waterbirds.groupdro_l2, celeba.groupdro_l2) == (1e-5, 1.0, 0.1)

@@ -64,17 +64,18 @@ class GroupDROTrainer(Trainer):
         l2: weight decay replacing ``config.weight_decay``; ``None`` keeps the config's.
         balanced: draw every group equally often (row weight 1 / its group's size).
         adjustment: the group adjustment C (see :class:`GroupDROLoss`).
+        lr: learning rate replacing ``config.lr``; ``None`` keeps the config's.
     """
 
     def __init__(self, step_size: float = 0.01, l2: float | None = None, balanced: bool = True,
-                 adjustment: float = 0.0) -> None:
+                 adjustment: float = 0.0, lr: float | None = None) -> None:
         if step_size <= 0:
             raise ValueError(f"step_size={step_size}: must be > 0")
         if l2 is not None and l2 < 0:
             raise ValueError(f"l2={l2}: must be >= 0 or None")
         if adjustment < 0:
             raise ValueError(f"adjustment={adjustment}: must be >= 0")
-        self.step_size, self.l2, self.balanced, self.adjustment = step_size, l2, balanced, adjustment
+        self.step_size, self.l2, self.balanced, self.adjustment, self.lr = step_size, l2, balanced, adjustment, lr
 
     def train(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> TrainResult:
         """Train with the Group DRO loss; ``extras["q"]`` maps each train group to its final weight and
@@ -94,7 +95,8 @@ class GroupDROTrainer(Trainer):
         loss = GroupDROLoss(row_groups, len(names), self.step_size, self.adjustment)
         sizes = torch.bincount(row_groups, minlength=len(names)).double()
         weights = (1.0 / sizes[row_groups]).tolist() if self.balanced else None
-        updates = {"seed": seed} if self.l2 is None else {"seed": seed, "weight_decay": self.l2}
+        updates = {"seed": seed, **({} if self.l2 is None else {"weight_decay": self.l2}),
+                   **({} if self.lr is None else {"lr": self.lr})}
         config = config.model_copy(update=updates)
         model = build_model(config, num_classes(train_rows, val_rows))
 

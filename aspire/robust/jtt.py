@@ -37,19 +37,22 @@ class JTTTrainer(Trainer):
     Args:
         identification_epochs: T, epochs of the identification model.
         upweight: λ_up, how many times each error-set row appears (an integer, as in the paper).
+        lr, l2: learning rate and weight decay of both stages, replacing the config's (``None`` keeps them).
     """
 
-    def __init__(self, identification_epochs: int = 1, upweight: int = 20) -> None:
+    def __init__(self, identification_epochs: int = 1, upweight: int = 20, lr: float | None = None,
+                 l2: float | None = None) -> None:
         if identification_epochs < 1:
             raise ValueError(f"identification_epochs={identification_epochs}: must be >= 1")
         if int(upweight) != upweight or upweight < 1:
             raise ValueError(f"upweight={upweight}: must be an integer >= 1")
         self.identification_epochs, self.upweight = identification_epochs, int(upweight)
+        self.updates = {k: v for k, v in (("lr", lr), ("weight_decay", l2)) if v is not None}
 
     def identify(self, train_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> tuple[nn.Module, list[Row]]:
         """Steps 1-2: the identification model (trained on the original rows) and the original rows it gets wrong."""
         originals = [row for row in train_rows if row.get("source") != "generated"]
-        config = config.model_copy(update={"seed": seed, "epochs": self.identification_epochs})
+        config = config.model_copy(update={**self.updates, "seed": seed, "epochs": self.identification_epochs})
         model = build_model(config, num_classes(train_rows))
         fit(model, originals, [], config, seed)  # no val rows: the model after exactly T epochs
         preds = predict_rows(model, originals, config)
@@ -62,7 +65,7 @@ class JTTTrainer(Trainer):
                          seed: int, errors: Sequence[Row]) -> TrainResult:
         """Step 3: ERM on the training rows with the error set repeated λ_up times."""
         upsampled = list(train_rows) + [row for row in errors for _ in range(self.upweight - 1)]
-        config = config.model_copy(update={"seed": seed})
+        config = config.model_copy(update={**self.updates, "seed": seed})
         model = build_model(config, num_classes(train_rows, val_rows))
         history, best = fit(model, upsampled, val_rows, config, seed)
         error_ids = [row["image_id"] for row in errors]
