@@ -128,6 +128,7 @@ class ExtractConfig(Section):
 class RemoveConfig(Section):
     """ASPIRE step 4a: ground each foreground phrase, segment it, dilate, inpaint, re-classify (Sec. 2(4.a), App. D)."""
 
+    enabled: bool = Field(True, description="false: no object is removed (ASPIRE Table 2's ablation without step 4a).")
     ground: Literal["groundingdino", "hf-grounding-dino", "annotations"] = Field(
         "groundingdino", description="Grounder: groundingdino (groundingdino-py), hf-grounding-dino (transformers), "
         "annotations (the manifest's boxes column).")
@@ -159,6 +160,7 @@ class RemoveConfig(Section):
 class BackgroundConfig(Section):
     """ASPIRE step 4b: change the background to the alternative one, re-classify (Sec. 2(4.b), A.6)."""
 
+    enabled: bool = Field(True, description="false: no background is changed (ASPIRE Table 2's ablation without step 4b).")
     backend: Literal["instruct-pix2pix", "composite"] = Field(
         "instruct-pix2pix", description="instruct-pix2pix (diffusers) or composite (paste the foreground on a background bank image).")
     model: str = Field("timbrooks/instruct-pix2pix", description="instruct-pix2pix: hub id or local folder.")
@@ -231,9 +233,11 @@ class PersonalizeConfig(Section):
 class GenerateConfig(Section):
     """ASPIRE step 5: n x new images per class without the spurious features (Sec. 2(5), App. A.4)."""
 
-    backend: Literal["textual-inversion", "composite"] = Field(
-        "textual-inversion", description="textual-inversion (Stable Diffusion with the learned tokens) or composite "
-        "(the class's core object pasted on backgrounds that are not among its spurious groups; CPU).")
+    backend: Literal["textual-inversion", "composite", "edits"] = Field(
+        "textual-inversion", description="textual-inversion (Stable Diffusion with the learned tokens), composite "
+        "(the class's core object pasted on backgrounds that are not among its spurious groups; CPU), or edits "
+        "(no generation: the kept edits of the spurious groups themselves join the training set, ASPIRE Table 2's "
+        "ablation).")
     per_class: float | None = Field(
         None, gt=0, description="Images per class as a multiple of the class's training images; default (None): 1x "
         "the class's training images without group labels, 1x the class's minority-group images with them (App. A.4).")

@@ -72,15 +72,17 @@ def summarise(report: dict, seconds: float, synth: SynthConfig) -> dict:
     }
 
 
-def run_suite(draws: list[Path], seeds: list[int], root: Path) -> dict:
+def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, list[str]] = ARMS,
+              results_name: str = "suite.json") -> dict:
+    """Every (draw, seed, arm) not yet in ``root/results_name``, each saved there as soon as it is done."""
     from flows.aspire import aspire_flow
 
-    results_file = root / "suite.json"
+    results_file = root / results_name
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for draw in draws:
         config_path = draw_config(draw, root)
         for seed in seeds:
-            for arm, overrides in ARMS.items():
+            for arm, overrides in arms.items():
                 key = f"{draw.stem}/{arm}/{seed}"
                 if key in results:
                     continue
@@ -90,7 +92,7 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path) -> dict:
                 synth = load_config(config_path).synth
                 results[key] = summarise(report, time.perf_counter() - start, synth)
                 results_file.write_text(json.dumps(results, indent=1))
-                print(key, json.dumps(results[key]["after"]), flush=True)
+                print(key, json.dumps(results[key]["after"]), results[key]["generated"], flush=True)
     return results
 
 

@@ -74,6 +74,8 @@ def personalize_spec(config: RunConfig) -> tuple[int, Any, str]:
 
 
 def generate_identity(config: RunConfig) -> str:
+    if config.generate.backend == "edits":
+        return "edits"
     if config.generate.backend == "composite":
         from tasks.grounders import grounder_identity
         from tasks.inpainters import inpainter_identity

@@ -55,6 +55,11 @@ def preflight(config: RunConfig, until: str = STAGES[-1], methods: tuple[str, ..
         checks.remove(config)
     if "background" in stages or ("generate" in stages and config.generate.backend == "composite"):
         checks.background(config)
+    if "collapse" in stages and config.collapse.embedder == "glove":
+        if config.collapse.glove_path is None or not Path(config.collapse.glove_path).expanduser().is_file():
+            checks.add("collapse.glove_path", config.collapse.glove_path, "the paper's GloVe collapse needs a GloVe "
+                       "vectors text file (e.g. glove.6B.300d.txt); without one set collapse.embedder=minilm, the "
+                       "default calibrated on ASPIRE's Table 4 groups (BENCHMARKS.md)")
     if "personalize" in stages and config.personalize.backend == "textual-inversion":
         checks.model("personalize.model", config.personalize.model)
         checks.initializers(config)

@@ -101,7 +101,16 @@ def _edit_summary(info: dict, rows: list[Row]) -> dict:
             "skip_reasons": dict(reasons.most_common()), "failures": sum(reasons.values())}
 
 
+def _disabled(rows: list[Row], what: str) -> tuple[list[Row], dict, list[str]]:
+    """An edit stage switched off (ASPIRE Table 2's ablations): its input passes through, no edit is tried."""
+    get_run_logger().info("%s is switched off (an ablation): no edit", what)
+    return rows, {"rows_in": len(rows), "failures": 0, "edits_tried": 0, "edits_kept": 0, "skip_reasons": {},
+                  "disabled": True}, []
+
+
 def _remove(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    if not config.remove.enabled:
+        return _disabled(rows, "remove.enabled")
     model = _model(stores)
     task = on_gpu(remove.remove_shard_task, config.remove.device, config.classifier.device)
     out, _, info = run_shards(runner, store, rows, task, config.runner.shard_size,
@@ -110,6 +119,8 @@ def _remove(config: RunConfig, runner, store: StageStore, rows: list[Row], store
 
 
 def _background(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
+    if not config.background.enabled:
+        return _disabled(rows, "background.enabled")
     model = _model(stores)
     task = on_gpu(background.background_shard_task, config.background.device, config.classifier.device)
     out, _, info = run_shards(runner, store, rows, task, config.runner.shard_size,
@@ -174,6 +185,11 @@ def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], sto
     # classifier leans on alongside another flips few edits and may miss the claim's threshold
     spurious = {c: [g["phrases"] for g in collapse_summary["top_k"][c]] for c in collapse_summary["spurious"]}
     tokens = {c: t[:2] for c, t in _summary_of(stores, "personalize")["tokens"].items()}
+    if config.generate.backend == "edits":  # Table 2's ablation: the kept edits themselves, nothing generated
+        made = generate.edits_as_augmentations(rows)
+        summary = {"rows_in": len(rows), "failures": 0, "generated": len(made), "planned": counts,
+                   "from_edits": dict(Counter(r["class_name"] for r in made))}
+        return rows + made, summary, []
     exemplars, skipped = {}, {}
     if config.generate.backend == "composite":  # a class with nothing to imitate gets no images, and says why
         exemplars = generate.generator_exemplars(rows, config.generate.learn_from)

@@ -82,7 +82,7 @@ def plan_jobs(counts: dict[str, int], labels: dict[str, int], seed: int) -> list
              "seed": int(digest([seed, name, i]), 16) % (2**31)} for name in sorted(counts) for i in range(counts[name])]
 
 
-def generator_exemplars(rows: list[Row], learn_from: str, limit: int = 64) -> dict[str, list[Row]]:
+def generator_exemplars(rows: list[Row], learn_from: str, limit: int | None = 64) -> dict[str, list[Row]]:
     """Per class, the images the composite generator imitates, as textual inversion would learn from them.
 
     ``kept-edits`` (ASPIRE): the prediction-flipping edits of the class's top-k spurious groups, each as its source
@@ -101,6 +101,17 @@ def generator_exemplars(rows: list[Row], learn_from: str, limit: int = 64) -> di
                     {**source, "image_id": row["image_id"], "path": row["path"], "spurious_group": row["spurious_group"],
                      "edit": row["source"]})
     return {name: sorted(found, key=lambda r: digest(r["image_id"]))[:limit] for name, found in sorted(out.items())}
+
+
+def edits_as_augmentations(rows: list[Row]) -> list[Row]:
+    """Every kept edit of a class's top-k spurious groups as a training row of its class (``source="generated"``,
+    ``generator="edits"``): the augmentation of ASPIRE Table 2's ablation "training on the edits" instead of on
+    images generated from them. The edited file is used as it is."""
+    found = generator_exemplars(rows, "kept-edits", limit=None)
+    return [{**{k: v for k, v in e.items() if k not in ("spurious_group", "edit", "holdout", "pred", "pred_conf",
+                                                      "correct")},
+             "image_id": f"gen::{e['class_name']}::{e['image_id']}", "source": "generated", "generator": "edits",
+             "seed": -1, "group": None, "spurious_avoided": []} for name in found for e in found[name]]
 
 
 def _layer(image: Image.Image, mask: np.ndarray) -> Image.Image | None:

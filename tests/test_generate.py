@@ -118,3 +118,20 @@ def test_a_prior_without_a_bank_is_an_error_naming_the_keys(tmp_path):
     with pytest.raises(ValueError, match="generate.context_prior=0.5 needs background.bank"):
         CompositeGenerator(GenerateConfig(backend="composite"), AnnotationsGrounder(), BoxSegmenter(),
                            OpenCVInpainter(REMOVE), 3, None)
+
+
+def test_the_edits_ablation_adds_the_kept_spurious_edits_themselves():
+    """ASPIRE Table 2, "training on the edits": each kept edit of a top-k spurious group becomes a training row of
+    its class with the edited file; edits that did not flip or are outside the top-k groups do not."""
+    from tasks.generate import edits_as_augmentations
+
+    original = {"image_id": "o1", "path": "/o1.png", "label": 1, "class_name": "cat", "split": "train", "group": 3,
+                "holdout": True, "pred": 1}
+    edits = [{"image_id": "o1::rm::ball", "source_image_id": "o1", "path": "/e1.png", "class_name": "cat", "label": 1,
+              "split": "train", "source": "edit-remove", "kept": kept, "spurious_group": group}
+             for kept, group in ((True, 0), (False, 0), (True, None))]
+    edits[1]["image_id"], edits[2]["image_id"] = "o1::rm::x", "o1::rm::y"
+    made = edits_as_augmentations([original, *edits])
+    assert [(r["image_id"], r["path"], r["source"], r["generator"], r["label"]) for r in made] == [
+        ("gen::cat::o1::rm::ball", "/e1.png", "generated", "edits", 1)]
+    assert "pred" not in made[0] and made[0]["group"] is None

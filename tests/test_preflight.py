@@ -70,6 +70,8 @@ def test_a_clean_config_passes(tmp_path, config):
     (lambda c, t: c["extract"].update(backend="openai", api_key_env="ASPIRE_TEST_NO_SUCH_KEY"), "extract.api_key_env",
      "not set"),
     (lambda c, t: c["extract"].update(alternatives="no-such-table.tsv"), "extract.alternatives", "no such file"),
+    (lambda c, t: c.update(collapse={"embedder": "glove", "glove_path": str(t / "glove.txt")}), "collapse.glove_path",
+     "set collapse.embedder=minilm"),
     (lambda c, t: c["background"].update(backend="instruct-pix2pix", model="nobody/no-such-editor"),
      "background.model", "not in the Hugging Face cache"),
 ])
