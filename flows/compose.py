@@ -2,7 +2,7 @@
 boxes), as a Prefect flow of two cached, sharded stages.
 
 sources (read, scores) -> backgrounds (inpainted backgrounds and object crops per source image) -> compose
-(one JPEG per planned composition) -> output image folder with ``metadata.csv`` per split.
+(one JPEG per planned composition) -> output image folder with ``metadata.parquet`` per split.
 
 A rerun recomposes nothing; changing the sizes (or any compose setting) recomposes without re-inpainting,
 since the backgrounds stage's key holds only what its output depends on (:func:`tasks.compose.backgrounds_identity`).
@@ -90,7 +90,7 @@ def plot_scores(scores: list[dict], out: Path) -> Path:
 
 
 def write_output(rows: list[Row], output: Path) -> list[Row]:
-    """The composed images as an image folder (``<split>/<class>/<image_id>.jpg`` + ``metadata.csv``), written
+    """The composed images as an image folder (``<split>/<class>/<image_id>.jpg`` + ``metadata.parquet``), written
     beside and swapped in, so a half-written folder is never left; an existing folder is replaced only when
     an earlier ``aspire compose`` wrote it.
 
