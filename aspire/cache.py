@@ -35,6 +35,7 @@ from aspire.manifest import Row, digest, read_jsonl, write_jsonl
 MARKER = "DONE.json"
 ROWS = "rows.jsonl"
 QUARANTINE = "quarantine.jsonl"
+RETRYABLE = "retryable"
 
 
 def stage_key(stage: str, version: int, config: Any, backend: str, input_digest: str) -> str:
@@ -75,6 +76,14 @@ def _retarget(rows: list[Row], old: Path, new: Path) -> list[Row]:
         return value
 
     return [{key: moved(key, value) for key, value in row.items()} for row in rows]
+
+
+def retry_pending(marker: dict[str, Any]) -> int:
+    """Rows a committed shard (its ``stats``) or stage (its summary's ``stats``) kept as failed but worth another
+    try, e.g. captions an LLM server answered with 429 or 500: stat ``retryable``. Such an output is committed, so
+    the run goes on, yet it is not final: the next run computes it again (a per-item cache makes that cheap)."""
+    stats = marker.get("stats") or (marker.get("summary") or {}).get("stats") or {}
+    return int(stats.get(RETRYABLE, 0) or 0)
 
 
 def read_part_marker(folder: Path) -> dict[str, Any] | None:
@@ -148,7 +157,7 @@ class StageStore:
         verified on every read. The returned marker has ``cached`` set to whether the part was there."""
         with self._locked(name):
             marker = self.read_marker(name)
-            if marker is not None and marker.get("input_digest") == input_digest:
+            if marker is not None and marker.get("input_digest") == input_digest and not retry_pending(marker):
                 return {**marker, "cached": True}
             final = self.part_dir(name)
             for stale in self.root.glob(f".{name}.tmp-*"):  # left by a killed run
@@ -177,9 +186,11 @@ class StageStore:
         return digest({"rows": input_rows, "salt": salt})
 
     def shard_is_current(self, index: int, input_rows: list[Row], salt: str = "") -> bool:
-        """Whether the shard is committed, intact and was computed from these input rows (and salt)."""
+        """Whether the shard is committed, intact, was computed from these input rows (and salt) and has no
+        failures left to retry."""
         marker = self.read_marker(self.shard_name(index))
-        return marker is not None and marker.get("input_digest") == self.shard_input_digest(input_rows, salt)
+        return (marker is not None and marker.get("input_digest") == self.shard_input_digest(input_rows, salt)
+                and not retry_pending(marker))
 
     def ensure_shard(self, index: int, input_rows: list[Row], run: Callable[[list[Row], Path], ShardResult],
                      salt: str = "") -> dict:

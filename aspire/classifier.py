@@ -158,17 +158,35 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class IndexedRows(Dataset):
-    """Manifest rows as (image tensor (3, S, S), label, row index)."""
+    """Manifest rows as (image tensor (3, S, S), label, row index); ``augment`` (a PIL -> PIL transform, see
+    :func:`train_augmentation`) is applied before the resize and normalisation."""
 
-    def __init__(self, rows: Sequence[Row], image_size: int) -> None:
-        self.rows, self.image_size = list(rows), image_size
+    def __init__(self, rows: Sequence[Row], image_size: int, augment: Callable[[Image.Image], Image.Image] | None = None) -> None:
+        self.rows, self.image_size, self.augment = list(rows), image_size, augment
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         row = self.rows[i]
-        return to_tensor(load_rgb(row["path"]), self.image_size), row["label"], i
+        image = load_rgb(row["path"])
+        if self.augment is not None:
+            image = self.augment(image)
+        return to_tensor(image, self.image_size), row["label"], i
+
+
+def train_augmentation(config: ClassifierConfig) -> Callable[[Image.Image], Image.Image] | None:
+    """The training-time transform of ``classifier.augment``: None, or crop-flip (torchvision's RandomResizedCrop
+    to image_size with ``crop_scale`` / ``crop_ratio``, then RandomHorizontalFlip). Its randomness comes from
+    torch's RNG, which :func:`fit` seeds, so a seed gives the same crops."""
+    if config.augment == "none":
+        return None
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.RandomResizedCrop(config.image_size, scale=tuple(config.crop_scale), ratio=tuple(config.crop_ratio)),
+        transforms.RandomHorizontalFlip(),
+    ])
 
 
 def predict_rows(model: nn.Module, rows: Sequence[Row], config: ClassifierConfig, chunk: int = 512) -> list[int]:
@@ -208,7 +226,7 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
     the one training loop of the project (the classifier stage's ERM model and every robust trainer).
 
     Data order per epoch comes from a ``torch.Generator`` seeded by (seed, epoch); the global RNG (dropout in
-    torchvision models) is forked and seeded, so the caller's random state is untouched. With ``sample_weights``
+    torchvision models, ``classifier.augment``'s crops and flips) is forked and seeded, so the caller's random state is untouched. With ``sample_weights``
     (one per train row) an epoch draws ``len(train_rows)`` rows with replacement in proportion to them, instead
     of shuffling. With ``checkpoint``, the state (weights, optimiser, RNG, history, best epoch) is saved after
     every epoch and resumed from when present, so a killed run goes on from its last finished epoch and ends
@@ -224,6 +242,7 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
     loss_fn = loss_fn or (lambda logits, labels, index: nn.functional.cross_entropy(logits, labels))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     by_group = bool(val_rows) and all(row.get("group") is not None for row in val_rows)
+    augment = train_augmentation(config)
     history: list[dict[str, Any]] = []
     best_epoch, best_state, start = None, None, 0
     generator = torch.Generator()
@@ -241,7 +260,7 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
             generator.manual_seed(seed * 100003 + epoch)
             sampler = None if sample_weights is None else WeightedRandomSampler(
                 sample_weights, len(train_rows), replacement=True, generator=generator)
-            loader = DataLoader(IndexedRows(train_rows, config.image_size), batch_size=config.batch_size,
+            loader = DataLoader(IndexedRows(train_rows, config.image_size, augment), batch_size=config.batch_size,
                                 shuffle=sampler is None, sampler=sampler, num_workers=config.num_workers,
                                 generator=generator)
             model.train()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from aspire.synth import SynthConfig
 
@@ -73,9 +73,24 @@ class ClassifierConfig(Section):
     weight_decay: float = Field(1e-4, ge=0, description="SGD weight decay (ASPIRE: 1e-4).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     batch_size: int = Field(64, ge=1, description="Training and prediction batch size.")
+    augment: Literal["none", "crop-flip"] = Field(
+        "none", description="Training-time augmentation: none, or crop-flip (a random crop of crop_scale of the "
+        "area and crop_ratio aspect, resized to image_size, then a random horizontal flip: the Corner Cases "
+        "recipe, Sec. 5.6). Prediction and feature extraction never augment.")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="crop-flip: bounds of the crop's share of the image area.")
+    crop_ratio: tuple[float, float] = Field((0.75, 1.33), description="crop-flip: bounds of the crop's aspect ratio (width / height).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     seed: int = Field(0, description="Seed for weight init and data order.")
+
+    @model_validator(mode="after")
+    def _crop_bounds(self) -> "ClassifierConfig":
+        (s_lo, s_hi), (r_lo, r_hi) = self.crop_scale, self.crop_ratio
+        if not 0 < s_lo <= s_hi <= 1:
+            raise ValueError(f"classifier.crop_scale={list(self.crop_scale)}: need 0 < low <= high <= 1")
+        if not 0 < r_lo <= r_hi:
+            raise ValueError(f"classifier.crop_ratio={list(self.crop_ratio)}: need 0 < low <= high")
+        return self
 
 
 class HoldoutConfig(Section):
@@ -116,6 +131,9 @@ class ExtractConfig(Section):
     timeout: float = Field(60.0, gt=0, description="openai: seconds before a request is abandoned and retried.")
     max_retries: int = Field(4, ge=0, description="openai: retries of 429/5xx/timeouts (exponential backoff, by the SDK).")
     max_repairs: int = Field(2, ge=0, description="openai: re-asks for items missing from or malformed in an answer.")
+    max_failed: float = Field(0.5, ge=0, le=1, description="Stop the run when more than this fraction of the "
+                              "captions failed (a down server, a wrong key); below it the failed ones are retried "
+                              "on the next run.")
     prompt: str = Field("extract_prompt.txt", description="Prompt file in prompts/ (or a path).")
     exemplars: str = Field("extract_exemplars.jsonl", description="Annotated exemplars file in prompts/ (or a path).")
     alternatives: str = Field("alt_backgrounds.tsv", description="rules: background -> alternative background table.")
@@ -286,6 +304,12 @@ class RetrainConfig(Section):
     dfr_base: Literal["classifier", "train"] = Field(
         "classifier", description="DFR: the frozen backbone is the run's ERM model (classifier stage, no retraining) "
         "or an ERM model trained on the (original or augmented) train rows.")
+    dfr_penalty: Literal["l1", "l2"] = Field(
+        "l1", description="DFR: the head's penalty: l1 (DFR's Waterbirds/CelebA recipe) or l2 (the ImageNet-9 "
+        "recipe the Corner Cases paper uses).")
+    dfr_c: list[PositiveFloat] | None = Field(
+        None, description="DFR: inverse penalty strengths tuned on half of validation (None: DFR's grid 1 .. 0.01; "
+        "one value: no tuning, e.g. [0.01] for the Corner Cases paper's lambda = 100).")
     groups: Literal["auto", "labels", "phrases"] = Field(
         "auto", description="Groups for group-aware training and worst-group selection: labels (the dataset's "
         "group column), phrases (class x the run's top-k spurious phrase group its caption mentions, see "
@@ -331,8 +355,9 @@ class RetrainConfig(Section):
         classifier-stage model file, DFR's frozen backbone when ``dfr_base`` is ``classifier`` and the reference
         model of CLARIFY and SLIM; ``workdir``: where their annotations are; ``candidates``: the run's extracted
         phrases, from which the simulated CLARIFY annotator chooses."""
-        if method == "dfr" and self.dfr_base == "classifier" and erm_model is not None:
-            return {"base_model_path": erm_model}
+        if method == "dfr":
+            dfr = {"penalty": self.dfr_penalty, **({"c_grid": tuple(self.dfr_c)} if self.dfr_c else {})}
+            return {**dfr, "base_model_path": erm_model} if self.dfr_base == "classifier" and erm_model else dfr
         if method == "clarify":
             return {"annotations": str(self.annotation_path(method, workdir or Path("."))), "annotator": self.clarify_annotator,
                     "candidates": list(candidates or []), "similarity": self.clarify_similarity,

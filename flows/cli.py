@@ -42,12 +42,13 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback o
     DEBUG["on"] = debug
 
 
-def fail(message: str, exc: BaseException | None = None) -> None:
-    """A user's mistake: the message in red on stderr, exit status 2, no traceback (unless --debug)."""
+def fail(message: str, exc: BaseException | None = None, status: int = 2) -> None:
+    """A user's mistake (exit status 2) or a stage that stopped the run (1): the message in red on stderr, no
+    traceback (unless --debug)."""
     if DEBUG["on"] and exc is not None:
         raise exc
     typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(status)
 
 
 def choose(kind: str, value: str, choices: tuple[str, ...]) -> str:
@@ -85,11 +86,16 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
     from prefect import tags
 
     from flows.aspire import aspire_flow
+    from flows.running import StageFailed
     from flows.runtime import terminal_display
 
     stages = STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     with terminal_display(), tags("aspire", f"dataset:{run_config.dataset.format}", f"stages:{stages[0]}..{until}"):
-        return aspire_flow(config_path=str(config.resolve()), overrides=overrides, until=until, force=force or [])
+        try:
+            return aspire_flow(config_path=str(config.resolve()), overrides=overrides, until=until, force=force or [])
+        except StageFailed as exc:
+            fail(str(exc), exc, status=1)
+            raise
 
 
 def _print_summary(report: dict, workdir: Path) -> None:

@@ -20,7 +20,7 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
-from aspire.cache import StageStore, shards
+from aspire.cache import StageStore, retry_pending, shards
 from aspire.config import RunConfig
 from aspire.manifest import Row, digest
 
@@ -53,6 +53,11 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
             "rows_in": len(rows), "failures": len(quarantine),
             "parts": [store.part_ref(store.shard_name(i)) for i in range(len(parts))]}
     return out_rows, quarantine, info
+
+
+class StageFailed(RuntimeError):
+    """A stage whose failures pass its threshold (e.g. most captions' extraction failed): the run stops with this
+    one-line message; what was committed stays, so a rerun redoes only what failed."""
 
 
 def artifact_key(config: RunConfig, name: str) -> str:
@@ -131,7 +136,9 @@ def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
         logger.info("%s: --force, removing %s", name, store.root)
         shutil.rmtree(store.root)
     marker = store.stage_marker()
-    if marker is not None:
+    if marker is not None and retry_pending(marker):
+        logger.info("%s: %d rows failed in the last run and are tried again", name, retry_pending(marker))
+    elif marker is not None:
         logger.info("%s: cached (%s, %d rows)", name, store.key, marker["rows"])
         summary = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
         publish(config, name, summary)

@@ -29,11 +29,24 @@ def prefect_defaults() -> None:
 
 def project_logging() -> None:
     """The project's loggers at INFO (Prefect attaches its API handler to them but leaves their level to the
-    root's WARNING, which would drop the epoch lines)."""
+    root's WARNING, which would drop the epoch lines); Prefect's flow-run logger prints a stage that stopped the
+    run (``StageFailed``) as its one-line message, without the traceback."""
     for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _NoStageFailedTraceback) for f in flow_runs.filters):
+        flow_runs.addFilter(_NoStageFailedTraceback())
+
+
+class _NoStageFailedTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        from flows.running import StageFailed
+
+        if record.exc_info and isinstance(record.exc_info[1], StageFailed):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def terminal_display():

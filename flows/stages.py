@@ -17,7 +17,7 @@ from aspire.config import DatasetConfig, RunConfig
 from aspire.manifest import Row
 from aspire.readers import read_dataset
 from aspire.synth import planted_found
-from flows.running import artifact_key, run_shards
+from flows.running import StageFailed, artifact_key, run_shards
 from tasks import (
     background,
     caption,
@@ -85,6 +85,13 @@ def _extract(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
                                     config=config.extract, cache_dir=cache_dir)
     info = {**info, "failures": sum(r["extract_error"] is not None for r in extracted),
             "errors": [{"image_id": r["image_id"], "reason": r["extract_error"]} for r in extracted if r["extract_error"]]}
+    captioned = sum(bool(r.get("caption")) for r in rows)
+    failed = int(info["stats"].get("retryable", 0))
+    if failed and failed > config.extract.max_failed * captioned:
+        reason = Counter(e["reason"] for e in info["errors"]).most_common(1)[0][0]
+        raise StageFailed(f"extract: {failed} of {captioned} captions failed (extract.max_failed="
+                          f"{config.extract.max_failed}), most often: {reason}. The answers received are cached; "
+                          "rerun once the server works and only the failed captions are sent again.")
     return extracted, info, info["parts"]
 
 

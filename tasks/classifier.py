@@ -47,8 +47,10 @@ def model_file(store: StageStore) -> Path:
 
 
 def key_config(config: ClassifierConfig) -> dict:
-    """The fields that change the trained model (device and loader workers do not)."""
-    return config.model_dump(mode="json", exclude={"device", "num_workers"})
+    """The fields that change the trained model (device and loader workers do not, nor the crop bounds when
+    nothing is cropped: models trained before ``augment`` existed keep their key)."""
+    unused = {"augment", "crop_scale", "crop_ratio"} if config.augment == "none" else set()
+    return config.model_dump(mode="json", exclude={"device", "num_workers", *unused})
 
 
 def train_classifier(rows: list[Row], config: ClassifierConfig, out_dir: Path, checkpoint: Path) -> dict:

@@ -7,6 +7,11 @@ offline). Both see only captions that are not in the per-caption cache, so a rer
 
 Columns added: ``foreground`` (list[str]), ``background`` (str, "" when none), ``alt`` (str),
 ``label_phrases_dropped`` (int), ``extract_error`` (reason, or None when the extraction succeeded).
+
+A failed caption (the server's 429/5xx/timeouts after the SDK's retries, a malformed answer after the repairs)
+is not final: its shard is committed with the stat ``retryable`` (:func:`aspire.cache.retry_pending`), so the
+run goes on, and the next run asks for exactly those captions again. When more than ``extract.max_failed`` of
+the captions failed, the stage stops the run instead (``StageFailed``): nothing downstream is built on it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from aspire.cache import ShardResult, StageStore
+from aspire.cache import RETRYABLE, ShardResult, StageStore
 from aspire.config import ExtractConfig
 from aspire.lazy import porter_stemmer
 from aspire.manifest import Row, digest
@@ -159,6 +164,8 @@ def run_extract(rows: list[Row], config: ExtractConfig, extractor: Extractor, ca
                     "label_phrases_dropped": len(extraction.foreground) - len(kept), "extract_error": None})
     stats = {"cached": len(found) - len(answered), "extracted": len(answered),
              "failed": sum(r["extract_error"] is not None for r in out), "label_phrases_dropped": dropped_total,
+             # a failed caption (server error, timeout, malformed answer) is asked again on the next run
+             RETRYABLE: sum(r["extract_error"] is not None and bool(items[r["image_id"]].caption) for r in out),
              **batch.usage}
     return ShardResult(out, [], stats)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aspire.cache import ShardResult, StageStore, shards, stage_key
+from aspire.cache import ShardResult, StageStore, retry_pending, shards, stage_key
 
 ROWS = [{"image_id": f"img{i}", "path": f"/x/{i}.png", "label": i % 2, "class_name": "ab"[i % 2], "split": "train"}
         for i in range(10)]
@@ -55,6 +55,26 @@ def test_commit_then_skip_and_retarget_paths(tmp_path):
     assert all(Path(r["path"]).parent == committed and Path(r["path"]).read_text() == r["image_id"] for r in result.rows)
     assert result.quarantine[0]["reason"] == "test"
     assert not list(tmp_path.rglob(".shard-*.tmp-*"))  # no temporary folder left behind
+
+
+def test_a_shard_with_retryable_failures_is_committed_but_computed_again(tmp_path):
+    """Stat ``retryable`` (e.g. captions an LLM server failed): the run goes on with the shard, the next one redoes it
+    until nothing is left to retry; the stage marker carrying the summed stat says the same."""
+    store = StageStore(tmp_path, "stage", "k1")
+    left = [2, 0]
+    calls = []
+
+    def flaky(rows, out_dir):
+        calls.append(len(rows))
+        return ShardResult(list(rows), [], {"retryable": left.pop(0) if left else 0})
+
+    assert store.ensure_shard(0, ROWS[:3], flaky)["cached"] is False
+    assert not store.shard_is_current(0, ROWS[:3]) and retry_pending(store.read_marker("shard-00000")) == 2
+    assert store.ensure_shard(0, ROWS[:3], flaky)["cached"] is False  # redone: the failures get another try
+    assert store.shard_is_current(0, ROWS[:3]) and store.ensure_shard(0, ROWS[:3], flaky)["cached"] is True
+    assert calls == [3, 3]
+    assert retry_pending(store.commit_stage(ROWS[:3], {"stats": {"retryable": 1}})) == 1
+    assert retry_pending(store.commit_stage(ROWS[:3], {"stats": {"retryable": 0}})) == 0
 
 
 def test_other_input_rows_are_recomputed(tmp_path):

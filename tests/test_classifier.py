@@ -70,6 +70,34 @@ def test_erm_learns_and_is_seeded(tmp_path):
     assert preds == [r["label"] for r in rows] and all(0.5 <= c <= 1 for c in confs)
 
 
+def test_crop_flip_augmentation_is_seeded_changes_training_and_the_key(tmp_path):
+    """classifier.augment=crop-flip (the Corner Cases recipe): random crops and flips of the training images only,
+    the same for the same seed; the key of a model trained without it is the one it had before the option."""
+    from aspire.classifier import IndexedRows, train_augmentation
+    from aspire.config import ConfigError, load_config
+    from tasks.classifier import key_config
+
+    rows = [r for r in colour_rows(tmp_path) if r["split"] == "train"]
+    plain = ClassifierConfig(arch="small-cnn", epochs=2, lr=0.05, **CPU)
+    cropped = plain.model_copy(update={"augment": "crop-flip", "crop_scale": (0.2, 0.5), "crop_ratio": (0.75, 1.33)})
+    assert train_augmentation(plain) is None
+    torch.manual_seed(0)
+    crops = [IndexedRows(rows, 16, train_augmentation(cropped))[0][0] for _ in range(4)]
+    assert crops[0].shape == (3, 16, 16) and not all(torch.equal(crops[0], c) for c in crops[1:])
+    weights = []
+    for config in (plain, cropped, cropped):
+        model = build_model(config, 2)
+        fit(model, rows, [], config, 0)
+        weights.append(torch.cat([p.flatten() for p in model.state_dict().values()]))
+    assert torch.equal(weights[1], weights[2]) and not torch.equal(weights[0], weights[1])
+    assert "augment" not in key_config(plain) and "crop_scale" not in key_config(plain)
+    assert key_config(cropped)["augment"] == "crop-flip"
+    path = tmp_path / "run.yaml"
+    path.write_text("workdir: w\ndataset: {format: imagefolder, root: d}\nclassifier: {crop_scale: [0.5, 1.2]}\n")
+    with pytest.raises(ConfigError, match=r"crop_scale=\[0.5, 1.2\]: need 0 < low <= high <= 1"):
+        load_config(path)
+
+
 def test_training_resumes_from_checkpoint_identically(tmp_path):
     rows = [r for r in colour_rows(tmp_path) if r["split"] == "train"]
     straight = ClassifierConfig(arch="small-cnn", epochs=3, lr=0.05, **CPU)

@@ -39,3 +39,16 @@ def test_real_data_configs_carry_the_papers_trainer_settings():
     assert waterbirds.trainer_args("jtt") == {"identification_epochs": 60, "upweight": 100, "lr": 1e-5, "l2": 1.0}
     assert celeba.trainer_args("jtt") == {"identification_epochs": 1, "upweight": 50, "lr": 1e-5, "l2": 0.1}
     assert (waterbirds.groupdro_lr, waterbirds.groupdro_l2, celeba.groupdro_l2) == (1e-5, 1.0, 0.1)
+
+
+def test_corner_cases_training_config_carries_the_papers_recipe():
+    """Corner Cases Sec. 5.6: batch 256, constant lr 0.001, 20 epochs, momentum 0.9, weight decay 0.001, crops of
+    aspect (0.75, 1.33) and flips; DFR l2 with lambda = 100; JTT with the ERM model's settings and lambda_up 50."""
+    config = load_config(FOLDER / "hard_spurious_imagenet_train.yaml")
+    c = config.classifier
+    assert (c.arch, c.batch_size, c.lr, c.epochs, c.momentum, c.weight_decay) == ("resnet50", 256, 1e-3, 20, 0.9, 1e-3)
+    assert (c.augment, c.crop_ratio, c.image_size) == ("crop-flip", (0.75, 1.33), 224)
+    assert config.retrain.trainer_args("dfr", erm_model="model.pt") == {"penalty": "l2", "c_grid": (0.01,),
+                                                                       "base_model_path": "model.pt"}
+    assert config.retrain.trainer_args("jtt")["upweight"] == 50
+    assert config.dataset.format == "hf-imagefolder" and config.dataset.root.name == "hard_spurious_imagenet"

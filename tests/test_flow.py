@@ -233,6 +233,44 @@ def test_openai_key_never_reaches_run_folder_logs_artifacts_or_parameters(run_co
     assert secret not in json.dumps(runs) and secret not in json.dumps(artifacts)
 
 
+def test_failed_llm_captions_are_retried_on_a_plain_rerun_and_most_failed_stops_the_run(run_config, tmp_path,
+                                                                                        monkeypatch):
+    """A down server stops the run in one line (exit 1); a few failures let it go on, and a plain rerun after the
+    server recovers sends exactly the failed captions again, then nothing."""
+    from fake_openai import correct, error, running_fake_openai
+
+    from flows.cli import app
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-retry")
+    with running_fake_openai() as fake:
+        overrides = ["extract.backend=openai", f"extract.base_url={fake.url}", "extract.model=fake-model",
+                     "extract.max_retries=0", "extract.captions_per_request=1"]
+        fake.default = lambda items, body: error(500, "the server is down")
+        result = CliRunner().invoke(app, ["stage", "extract", str(run_config), *sum([["--set", o] for o in overrides], [])])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "captions failed (extract.max_failed=0.5), most often: request failed: InternalServerError" in result.output
+        captions = fake.count  # one request per caption, none answered
+        assert captions > 4 and not list((tmp_path / "run" / "extract").glob("*/DONE.json"))
+
+        def item_id(body):
+            return json.loads([m for m in body["messages"] if m["role"] == "user"][-1]["content"].splitlines()[-1])[0]["id"]
+
+        still_down = {item_id(b) for b in fake.bodies[:2]}  # two captions still fail, the others are answered
+        fake.default = lambda items, body: error(500, "still down") if items[0]["id"] in still_down else correct(items, body)
+        run(run_config, *overrides, until="extract")
+        extract_summary = summary(tmp_path / "run", "extract")
+        assert extract_summary["stats"]["retryable"] == 2 and extract_summary["failures"] == 2
+        assert fake.count == 2 * captions
+
+        fake.default = correct
+        run(run_config, *overrides, until="extract")  # a plain rerun: only the two failed captions are sent
+        assert fake.count == 2 * captions + 2
+        extract_summary = summary(tmp_path / "run", "extract")
+        assert extract_summary["stats"]["retryable"] == 0 and extract_summary["failures"] == 0
+        run(run_config, *overrides, until="extract")
+        assert fake.count == 2 * captions + 2  # now final: nothing is sent
+
+
 def comparable(report: dict) -> dict:
     """A report without what legitimately differs between runs (timings, cache hits)."""
     return {k: v for k, v in report.items() if k != "stages"}

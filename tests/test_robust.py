@@ -146,6 +146,23 @@ def test_dfr_keeps_the_backbone_and_fits_the_head_on_balanced_subsets(bench, erm
     assert len(predict_rows(dfr.model, bench["test"], CONFIG)) == len(bench["test"])
 
 
+def test_dfr_l2_head_with_one_c_is_not_tuned(bench, erm):
+    """retrain.dfr_penalty=l2 with dfr_c=[0.01]: the Corner Cases paper's ImageNet-9 recipe (lambda = 100)."""
+    from aspire.config import RetrainConfig
+
+    args = RetrainConfig(dfr_penalty="l2", dfr_c=[0.01], dfr_base="train").trainer_args("dfr")
+    assert args == {"penalty": "l2", "c_grid": (0.01,)}
+    dfr = DFRTrainer(base_model=erm.model, n_refits=2, **args).train(bench["train"], bench["val"], CONFIG, seed=0)
+    assert dfr.extras["c_table"] == [] and dfr.extras["best_c"] == 0.01
+    l1 = DFRTrainer(base_model=erm.model, n_refits=2, c_grid=(0.01,)).train(bench["train"], bench["val"], CONFIG, seed=0)
+    assert not torch.equal(dfr.model[1].weight, l1.model[1].weight)
+    assert (l1.model[1].weight == 0).float().mean() > (dfr.model[1].weight == 0).float().mean()  # l1: sparse head
+    with pytest.raises(ValueError, match="penalty='l3'"):
+        DFRTrainer(penalty="l3")
+    with pytest.raises(ValueError, match="dfr_c"):
+        RetrainConfig(dfr_c=[0.0])
+
+
 def test_dfr_on_a_saved_erm_model_fits_its_head_on_val_and_generated_rows(bench, erm, tmp_path):
     from aspire.classifier import save_model
 

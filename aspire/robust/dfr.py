@@ -37,30 +37,36 @@ class DFRTrainer(Trainer):
     2. Embed the head rows with the backbone (the model without its final linear layer): the validation rows,
        plus the generated train rows (``source == "generated"``) when ``generated_in_head``: ASPIRE adds its
        augmentations to the set a 2-stage method uses in its second stage (App. A.4).
-    3. Tune C: split validation in half per group; fit an L1 logistic regression (liblinear) for every C on a
-       group-balanced subset of the first half (features standardised) and keep the C with the best
-       worst-group accuracy on the second half.
+    3. Tune C: split validation in half per group; fit a logistic regression for every C on a group-balanced
+       subset of the first half (features standardised with the tuning rows' mean and std) and keep the C with
+       the best worst-group accuracy on the second half. ``penalty``: l1 (liblinear, one-vs-rest: DFR's recipe
+       for Waterbirds and CelebA) or l2 (lbfgs, softmax: the ImageNet-9 recipe the Corner Cases paper uses, with
+       a single C = 1/lambda, lambda = 100). A grid of one C skips the tuning.
     4. Refit with that C on ``n_refits`` group-balanced subsets of all validation rows; the head is the average
        of their coefficients. Rows without ``group`` are balanced by class instead.
 
     Args:
         base_model: a trained classifier whose last layer is ``fc``/``head``/``heads``/``classifier``.
-        c_grid: inverse L1 strengths to try (DFR's grid).
+        c_grid: inverse penalty strengths to try (DFR's grid).
+        penalty: ``l1`` or ``l2``.
         n_refits: balanced subsamples averaged into the final head.
         base_model_path: a model saved by :func:`aspire.classifier.save_model`, used when ``base_model`` is None.
         generated_in_head: fit the head on the generated train rows too.
     """
 
     def __init__(self, base_model: nn.Module | None = None, c_grid: Sequence[float] = (1.0, 0.7, 0.3, 0.1, 0.07, 0.03, 0.01),
-                 n_refits: int = 10, base_model_path: str | None = None, generated_in_head: bool = True) -> None:
+                 n_refits: int = 10, base_model_path: str | None = None, generated_in_head: bool = True,
+                 penalty: str = "l1") -> None:
         if not c_grid or min(c_grid) <= 0:
             raise ValueError(f"c_grid={list(c_grid)}: need at least one C, all > 0")
+        if penalty not in ("l1", "l2"):
+            raise ValueError(f"penalty={penalty!r}: must be l1 or l2")
         if n_refits < 1:
             raise ValueError(f"n_refits={n_refits}: must be >= 1")
         if base_model is None and base_model_path is not None:
             base_model = load_model(Path(base_model_path))[0]
         self.base_model, self.c_grid, self.n_refits = base_model, tuple(c_grid), n_refits
-        self.generated_in_head = generated_in_head
+        self.generated_in_head, self.penalty = generated_in_head, penalty
 
     def train(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> TrainResult:
         """Return backbone + new head; ``extras`` holds the C table, the best C and the refit subsets' image ids.
@@ -87,9 +93,10 @@ class DFRTrainer(Trainer):
         tune, held = half_split(groups, rng)
         mean, std = x[tune].mean(0), x[tune].std(0) + 1e-8
         table = []
-        for c in self.c_grid if len(held) else []:  # one validation row per group: nothing to tune C on
+        # one C, or one validation row per group: nothing to tune
+        for c in self.c_grid if len(held) and len(self.c_grid) > 1 else []:
             subset = tune[balanced_subset(groups[tune], rng)]
-            w, b = fit_l1((x[subset] - mean) / std, y[subset], c, k, seed)
+            w, b = fit_linear((x[subset] - mean) / std, y[subset], c, k, seed, self.penalty)
             pred = (((x[held] - mean) / std) @ w.T + b).argmax(1)
             table.append({"C": c, "val_worst_group_acc": worst_group(pred == y[held], groups[held])})
         # first of equals: the weakest penalty (also when C could not be tuned)
@@ -100,9 +107,9 @@ class DFRTrainer(Trainer):
         for i in range(self.n_refits):
             subset = balanced_subset(groups, rng)
             subsets.append([val_rows[j]["image_id"] for j in subset])
-            fits.append(fit_l1((x[subset] - mean) / std, y[subset], best_c, k, seed + i))
+            fits.append(fit_linear((x[subset] - mean) / std, y[subset], best_c, k, seed + i, self.penalty))
         head = linear_head(np.mean([f[0] for f in fits], 0), np.mean([f[1] for f in fits], 0), mean, std)
-        log.info("DFR: C=%s, %d refits on %d balanced rows each", best_c, self.n_refits, len(subsets[0]))
+        log.info("DFR: %s, C=%s, %d refits on %d balanced rows each", self.penalty, best_c, self.n_refits, len(subsets[0]))
         model = nn.Sequential(backbone, head).eval()
         return TrainResult(model, history, best_epoch, {"c_table": table, "best_c": best_c, "refit_subsets": subsets})
 
@@ -152,10 +159,14 @@ def balanced_subset(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.sort(np.concatenate([rng.choice(np.flatnonzero(groups == g), n, replace=False) for g in names]))
 
 
-def fit_l1(x: np.ndarray, y: np.ndarray, c: float, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """L1 logistic regression (liblinear, one-vs-rest): weights (K, D) and biases (K,) over all K classes."""
+def fit_linear(x: np.ndarray, y: np.ndarray, c: float, k: int, seed: int, penalty: str = "l1") -> tuple[np.ndarray, np.ndarray]:
+    """Logistic regression, weights (K, D) and biases (K,) over all K classes: L1 (liblinear, one-vs-rest) or
+    L2 (lbfgs, softmax over the K classes)."""
     if set(np.unique(y)) != set(range(k)):
         raise ValueError(f"DFR: the balanced subset has classes {sorted(set(y.tolist()))}, need all of 0..{k - 1}")
+    if penalty == "l2":
+        clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x, y)
+        return per_class_logits(clf.coef_, clf.intercept_, k)
     clf = OneVsRestClassifier(LogisticRegression(l1_ratio=1.0, solver="liblinear", C=c, random_state=seed)).fit(x, y)
     w = np.concatenate([e.coef_ for e in clf.estimators_])  # (K, D), or (1, D) for two classes
     b = np.concatenate([e.intercept_ for e in clf.estimators_])
