@@ -228,11 +228,15 @@ class StageStore:
             if marker is None:
                 raise RuntimeError(f"{self.stage}: part {ref} is not committed; cannot commit the stage")
             tokens[ref] = marker["token"]
-        self.root.mkdir(parents=True, exist_ok=True)
-        write_jsonl(rows, self.root / ROWS)
-        marker = {"rows": len(rows), "digest": file_digest(self.root / ROWS), "parts": tokens,
-                  "summary": summary, "committed_at": time.time()}
-        _write_json_atomic(self.root / MARKER, marker)
+        # under the stage's lock, rows first (written beside, then renamed): a second run committing the same
+        # stage, or a reader, never sees a half-written rows file under a valid marker
+        with self._locked("stage"):
+            tmp = self.root / f".{ROWS}.tmp-{uuid.uuid4().hex[:8]}"
+            write_jsonl(rows, tmp)
+            os.replace(tmp, self.root / ROWS)
+            marker = {"rows": len(rows), "digest": file_digest(self.root / ROWS), "parts": tokens,
+                      "summary": summary, "committed_at": time.time()}
+            _write_json_atomic(self.root / MARKER, marker)
         return marker
 
     def stage_marker(self) -> dict[str, Any] | None:

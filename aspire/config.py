@@ -20,9 +20,26 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: frozen, unknown keys rejected."""
+    """Base of every config section: frozen, unknown keys rejected, and ``true``/``false`` refused where a number
+    is meant (pydantic would read ``epochs: true`` as 1)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+                    raise ValueError(f"{name}={value!r}: expected a number, not a boolean")
+        return data
+
+
+def _numeric(annotation: Any) -> bool:
+    """int, float, or an Optional/Union of them without bool."""
+    options = getattr(annotation, "__args__", None) or (annotation,)
+    return bool.__name__ not in {getattr(a, "__name__", "") for a in options} and any(a in (int, float) for a in options)
 
 
 DatasetFormat = Literal["imagefolder", "hf-imagefolder", "waterbirds", "celeba", "spuco"]
@@ -554,6 +571,19 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     return data
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None, base: Path | None = None,
                 model: type[BaseModel] | None = None) -> RunConfig:
     """Read a YAML run config, apply overrides and validate it.
@@ -572,7 +602,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, base: Path
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.constructor.ConstructorError as exc:
+        line = f", line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
+        raise ConfigError(f"{path}{line}: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -100,6 +100,8 @@ def _open_decoded(path: Path) -> Image.Image:
     Raises:
         ImageError: with the reason the file cannot be decoded.
     """
+    if path.is_dir():
+        raise ImageError(path, "a folder, not an image file")
     if not path.is_file():
         raise ImageError(path, "missing file")
     if path.stat().st_size == 0:

@@ -202,13 +202,28 @@ def _parse_split(value: Any, where: str, column: str = "split") -> str:
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of a CSV file with a header, checking that the ``required`` columns are present."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        _require_columns(path, columns, required)
-        return list(reader)
+    """Rows of a CSV file with a header (UTF-8, with or without a byte-order mark), checking that the
+    ``required`` columns are present; a row with fewer cells than the header is an error naming its line."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            reader.fieldnames = columns
+            if len(columns) == 1 and required and required[0] not in columns:
+                for other in (";", "\t", "|"):
+                    if other in columns[0]:
+                        raise DatasetError(f"{path}: one column {columns[0]!r}: the delimiter looks like {other!r}; "
+                                           "metadata CSV files are comma-separated")
+            _require_columns(path, columns, required)
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 "
+                           "(e.g. iconv -f latin1 -t utf-8)") from None
+    for line, row in enumerate(rows, start=2):
+        short = [c for c, v in row.items() if v is None]
+        if short:
+            raise DatasetError(f"{path} line {line}: fewer cells than columns in the header (no {', '.join(map(repr, short))})")
+    return rows
 
 
 def _require_columns(path: Path, columns: list[str], required: tuple[str, ...]) -> None:
@@ -363,7 +378,11 @@ HF_CORE_COLUMNS = ("file_name", "image_id", "label", "class_name", "split", "gro
 
 def _hf_rows(records: list[tuple[Path, int, str, Row]]) -> list[Row]:
     """Manifest rows from metadata records (file, line, split, record)."""
-    has_label = all(r.get("label") is not None for _, _, _, r in records)
+    labelled = [r.get("label") is not None for _, _, _, r in records]
+    has_label = all(labelled)
+    if any(labelled) and not has_label:  # one empty cell must not drop the label column of the whole dataset
+        meta, line, _, _ = records[labelled.index(False)]
+        raise DatasetError(f"{meta} line {line}: the 'label' cell is empty while other rows have one")
     class_of = [_hf_class_name(r) for _, _, _, r in records]
     class_names = sorted({c for c in class_of if c is not None})
     rows: list[Row] = []
@@ -377,7 +396,28 @@ def _hf_rows(records: list[tuple[Path, int, str, Row]]) -> list[Row]:
         else:
             label = class_names.index(class_name)
         rows.append(_hf_row(meta, where, split, record, label, class_name))
+    if has_label:
+        _check_labels(rows, [f"{meta} line {line}" for meta, line, _, _ in records])
     return rows
+
+
+def _check_labels(rows: list[Row], where: list[str]) -> None:
+    """Labels are 0..K-1 for K classes and each label has one class name (and each name one label).
+
+    Raises:
+        DatasetError: naming the first row that breaks it.
+    """
+    name_of: dict[int, str] = {}
+    label_of: dict[str, int] = {}
+    for row, at in zip(rows, where):
+        label, name = row["label"], row["class_name"]
+        if name_of.setdefault(label, name) != name or label_of.setdefault(name, label) != label:
+            raise DatasetError(f"{at}: label {label} with class {name!r}, but label {label_of.get(name)} is "
+                               f"{name!r} and label {label} is {name_of[label]!r} elsewhere")
+    k = len(name_of)
+    for row, at in zip(rows, where):
+        if not 0 <= row["label"] < k:
+            raise DatasetError(f"{at}: label {row['label']} is out of range: {k} classes, labels 0..{k - 1}")
 
 
 def _hf_row(meta: Path, where: str, split: str, record: Row, label: int, class_name: str) -> Row:

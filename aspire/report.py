@@ -4,7 +4,10 @@ image grid of originals beside their prediction-flipping edits."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -290,12 +293,16 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
         edit_grid(edit_rows, workdir / GRID_FILE)
     accuracy_chart(report, workdir / CHART_FILE)
     top_k_chart(report, workdir / TOP_K_FILE)
-    (workdir / "report.json").write_text(json.dumps(report, indent=1))
-    (workdir / "report.md").write_text(render_markdown(report, figure_files(workdir)))
-    with open(workdir / "quarantine.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image_id", "path", "reason"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(report["quarantine"])
+    quarantine = io.StringIO(newline="")
+    writer = csv.DictWriter(quarantine, fieldnames=["image_id", "path", "reason"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(report["quarantine"])
+    # each file written beside and renamed: a second run or a reader never sees half a report
+    for name, text in (("report.json", json.dumps(report, indent=1)), ("quarantine.csv", quarantine.getvalue()),
+                       ("report.md", render_markdown(report, figure_files(workdir)))):
+        tmp = workdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, workdir / name)
     return report
 
 

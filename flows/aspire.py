@@ -8,6 +8,7 @@ generate -> export -> retrain. Keys (:mod:`flows.keys`) chain by content, so rer
 from __future__ import annotations
 
 import base64
+import fcntl
 import shutil
 import uuid
 from pathlib import Path
@@ -108,12 +109,16 @@ def ensure_benchmark(config: RunConfig) -> None:
     root = config.dataset.root
     stamp = root / ".synth-digest"
     wanted = digest(config.synth)
-    if stamp.is_file() and stamp.read_text() == wanted:
-        return
-    get_run_logger().info("drawing the synthetic benchmark into %s", root)
-    tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
-    draw_benchmark(config.synth, tmp)
-    draw_background_bank(config.synth, tmp / "backgrounds")  # for the composite background editor
-    (tmp / ".synth-digest").write_text(wanted)
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # two runs drawing the same benchmark: the second waits, then finds it drawn (no rmtree under a reader)
+    with open(root.with_name(f".{root.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.is_file() and stamp.read_text() == wanted:
+            return
+        get_run_logger().info("drawing the synthetic benchmark into %s", root)
+        tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
+        draw_benchmark(config.synth, tmp)
+        draw_background_bank(config.synth, tmp / "backgrounds")  # for the composite background editor
+        (tmp / ".synth-digest").write_text(wanted)
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)

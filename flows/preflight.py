@@ -42,6 +42,8 @@ def preflight(config: RunConfig, until: str = STAGES[-1], methods: tuple[str, ..
     ``methods``, for ``aspire train``) would meet; return quietly when there is none."""
     stages = STAGES[: STAGES.index(until) + 1]
     checks = Checks()
+    if config.workdir.exists() and not config.workdir.is_dir():
+        checks.add("workdir", config.workdir, "is a file; name a folder (it is created when missing)")
     if config.synth is None:
         checks.dataset(config)
     checks.device("classifier.device", config.classifier.device)

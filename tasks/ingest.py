@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from aspire.cache import ShardResult, StageStore
 from aspire.config import RunConfig
 from aspire.images import check_images
-from aspire.manifest import Row, digest, validate_rows
+from aspire.manifest import ManifestError, Row, digest, validate_rows
 from aspire.readers import read_dataset
 from tasks import retry_if_transient
 
@@ -24,8 +24,29 @@ VERSION = 1
 
 
 def list_dataset(config: RunConfig) -> list[Row]:
-    """The dataset's rows as its reader lists them (no image is opened)."""
-    return validate_rows(read_dataset(config.dataset), where=f"dataset {config.dataset.root}")
+    """The dataset's rows as its reader lists them (no image is opened), checked: unique ids, every file inside
+    the dataset root and listed once, every class with training images.
+
+    Raises:
+        ManifestError: naming the first offending row.
+    """
+    root = Path(os.path.abspath(config.dataset.root))
+    where = f"dataset {root}"
+    rows = validate_rows(read_dataset(config.dataset), where=where)
+    owner: dict[str, str] = {}
+    for row in rows:
+        path = os.path.abspath(row["path"])
+        if not Path(path).is_relative_to(root):
+            raise ManifestError(f"{where}: image {row['image_id']!r} is outside the dataset root ({row['path']})")
+        if owner.setdefault(path, row["image_id"]) != row["image_id"]:
+            raise ManifestError(f"{where}: images {owner[path]!r} and {row['image_id']!r} are the same file {path} "
+                                "(one image listed twice, in one split or across splits)")
+    trained = {row["class_name"] for row in rows if row["split"] == "train"}
+    untrained = sorted({row["class_name"] for row in rows} - trained)
+    if untrained and trained:
+        raise ManifestError(f"{where}: classes {untrained} have no training images (only val/test); "
+                            "the classifier could never predict them")
+    return rows
 
 
 def listing_digest(rows: list[Row]) -> str:

@@ -1,6 +1,7 @@
 """The cache rules: keys, atomic shard commits, skips, redo of half-written or tampered shards."""
 
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -178,3 +179,31 @@ def test_marker_that_is_not_a_dict_counts_as_missing(tmp_path):
     assert store.read_marker("shard-00000") is None
     (store.root / "DONE.json").write_text("7")
     assert store.stage_marker() is None
+
+
+def test_concurrent_stage_commits_never_show_a_half_written_stage(tmp_path):
+    """Two runs committing the same stage while a third reads it: the reader sees a whole stage or none."""
+    store = StageStore(tmp_path, "stage", "k1")
+    big = [{**ROWS[0], "image_id": f"img{i}", "pad": "x" * 2000} for i in range(300)]
+    seen, done = [], threading.Event()
+
+    def commit(n):
+        for _ in range(15):
+            store.commit_stage(big[:n], {"n": n})
+
+    def read():
+        while not done.is_set() or not seen:
+            marker = store.stage_marker()
+            if marker is not None:
+                rows = store.read_rows()
+                seen.append(len(rows) in (100, 300) and marker["rows"] in (100, 300))
+
+    with ThreadPoolExecutor(3) as pool:
+        reader = pool.submit(read)
+        for future in [pool.submit(commit, 100), pool.submit(commit, 300)]:
+            future.result()
+        done.set()
+        reader.result()
+    assert seen and all(seen)
+    assert store.stage_marker()["rows"] == len(store.read_rows())
+    assert not list(tmp_path.rglob(".rows.jsonl.tmp-*"))

@@ -61,3 +61,18 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(path, ["workdir.sub=1"], base=tmp_path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_duplicate_keys_and_booleans_for_numbers_are_refused(tmp_path):
+    """Plain YAML keeps the last of two equal keys, and pydantic reads ``true`` as 1: both hide a typo."""
+    path = write(tmp_path, "workdir: out\ndataset: {format: imagefolder, root: imgs}\nclassifier:\n  epochs: 3\n"
+                           "  lr: 0.1\n  epochs: 30\n")
+    with pytest.raises(ConfigError, match=r"run.yaml, line 6: duplicate key 'epochs'$"):
+        load_config(path, base=tmp_path)
+    path = write(tmp_path, "workdir: out\ndataset: {format: imagefolder, root: imgs}\nclassifier: {epochs: true}\n")
+    with pytest.raises(ConfigError, match="epochs=True: expected a number, not a boolean"):
+        load_config(path, base=tmp_path)
+    with pytest.raises(ConfigError, match="boolean"):
+        load_config(write(tmp_path, "workdir: out\ndataset: {format: imagefolder, root: imgs}\n"), ["retrain.epochs=false"],
+                    base=tmp_path)
+    assert load_config(path, ["classifier.epochs=2", "remove.enabled=false"], base=tmp_path).remove.enabled is False

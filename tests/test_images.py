@@ -93,12 +93,15 @@ def test_check_images_quarantines_bad_files_with_distinct_reasons(tmp_path: Path
         row("good_jpg", good_jpg),
         row("missing", tmp_path / "missing.jpg"),
         row("text", tmp_path / "text.jpg"),
+        row("folder", tmp_path / "folder.png"),
     ]
+    (tmp_path / "folder.png").mkdir()
     good, quarantine = check_images(rows)
 
     assert [r["image_id"] for r in good] == ["good_png", "good_jpg"]
     reasons = {q["image_id"]: q["reason"] for q in quarantine}
-    assert set(reasons) == {"half", "empty", "missing", "text"}
+    assert set(reasons) == {"half", "empty", "missing", "text", "folder"}
+    assert reasons["folder"] == "a folder, not an image file"
     assert reasons["half"].startswith("truncated image: ")
     assert reasons["empty"] == "empty file (0 bytes)"
     assert reasons["missing"] == "missing file"

@@ -50,6 +50,28 @@ def test_a_clean_config_passes(tmp_path, config):
     preflight(RunConfig.model_validate(config))
 
 
+def hf_dataset(c: dict, t: Path, extra_test_file: str) -> None:
+    """The fixture's images as an hf-imagefolder dataset whose test metadata lists one more file."""
+    root = t / "hf"
+    for split in ("train", "val", "test"):
+        (root / split).mkdir(parents=True)
+        lines = ["file_name,class_name"] + [f"{name}.png,{name}" for name in ("cat", "dog")]
+        for name in ("cat", "dog"):
+            (root / split / f"{name}.png").write_bytes((t / "data" / split / name / "a.png").read_bytes())
+        if split == "test":
+            lines.append(f"{extra_test_file},cat")
+        (root / split / "metadata.csv").write_text("\n".join(lines) + "\n")
+    c["dataset"] = {"format": "hf-imagefolder", "root": str(root)}
+
+
+def dog_only_in_test(c: dict) -> None:
+    root = Path(c["dataset"]["root"])
+    for split in ("train", "val"):
+        for image in (root / split / "dog").iterdir():
+            image.unlink()
+        (root / split / "dog").rmdir()
+
+
 @pytest.mark.parametrize("change, key, words", [
     (lambda c, t: c["dataset"].update(root=str(t / "nowhere")), "dataset", "does not exist"),
     (lambda c, t: c["background"].update(bank=str(t / "no-bank")), "background.bank", "no such folder"),
@@ -74,6 +96,10 @@ def test_a_clean_config_passes(tmp_path, config):
      "set collapse.embedder=minilm"),
     (lambda c, t: c["background"].update(backend="instruct-pix2pix", model="nobody/no-such-editor"),
      "background.model", "not in the Hugging Face cache"),
+    (lambda c, t: ((t / "a-file").write_text("x"), c.update(workdir=str(t / "a-file"))), "workdir", "is a file"),
+    (lambda c, t: hf_dataset(c, t, "../../data/test/cat/a.png"), "dataset", "is outside the dataset root"),
+    (lambda c, t: hf_dataset(c, t, "../train/cat.png"), "dataset", "are the same file"),
+    (lambda c, t: dog_only_in_test(c), "dataset", "have no training images"),
 ])
 def test_each_user_error_fails_in_one_line_before_anything_runs(tmp_path, config, monkeypatch, change, key, words):
     monkeypatch.delenv("LAMA_MODEL", raising=False)

@@ -146,6 +146,33 @@ def test_hf_imagefolder_bad_label_names_line_and_value(tmp_path: Path) -> None:
         read_dataset(make_config("hf-imagefolder", tmp_path))
 
 
+@pytest.mark.parametrize("text, words", [
+    ("file_name,label,class_name\na.png,0,cat\nb.png,1\n", r"line 3: fewer cells than columns in the header \(no 'class_name'\)"),
+    ("file_name,label,class_name\na.png,0,cat\nb.png,,dog\n", "line 3: the 'label' cell is empty while other rows have one"),
+    ("file_name,label,class_name\na.png,0,cat\nb.png,7,dog\n", "line 3: label 7 is out of range: 2 classes, labels 0..1"),
+    ("file_name,label,class_name\na.png,0,cat\nb.png,0,dog\n", "line 3: label 0 with class 'dog', but"),
+    ("file_name;label\na.png;0\n", "the delimiter looks like ';'"),
+])
+def test_hf_imagefolder_metadata_mistakes_name_file_and_line(tmp_path: Path, text: str, words: str) -> None:
+    """A short row used to drop the label column of the whole dataset, an out-of-range label crashed training."""
+    meta = tmp_path / "train" / "metadata.csv"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(text)
+    with pytest.raises(DatasetError, match=f"{re.escape(str(meta))}.*{words}"):
+        read_dataset(make_config("hf-imagefolder", tmp_path))
+
+
+def test_hf_imagefolder_metadata_with_a_bom_reads_and_latin1_is_named(tmp_path: Path) -> None:
+    meta = tmp_path / "train" / "metadata.csv"
+    meta.parent.mkdir(parents=True)
+    meta.write_bytes("\ufefffile_name,label,class_name\na.png,0,caf\u00e9\n".encode("utf-8"))
+    (row,) = read_dataset(make_config("hf-imagefolder", tmp_path))
+    assert (row["label"], row["class_name"]) == (0, "caf\u00e9")
+    meta.write_bytes("file_name,label,class_name\na.png,0,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match=f"{re.escape(str(meta))}: not UTF-8 text.*save it as UTF-8"):
+        read_dataset(make_config("hf-imagefolder", tmp_path))
+
+
 def test_hf_imagefolder_without_metadata(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     with pytest.raises(DatasetError, match="no metadata file"):
