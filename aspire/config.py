@@ -174,6 +174,11 @@ class RemoveConfig(Section):
     grounding: Literal["per-phrase", "joint"] = Field(
         "per-phrase", description="Grounding DINO prompts: per-phrase (one forward per phrase, as ASPIRE's Algorithm "
         "1) or joint (all of an image's phrases in one prompt, boxes assigned by token scores: faster, see BENCHMARKS.md).")
+    ground_size: int | None = Field(None, ge=128, description="Grounding DINO (both grounders): the image's shorter "
+                                    "side is resized to this (None: the model's own, the reference 800; smaller is "
+                                    "faster on a CPU and less accurate).")
+    ground_max_size: int | None = Field(None, ge=128, description="Grounding DINO: the longer side at most (None: the "
+                                        "model's own, the reference 1333).")
     box_threshold: float = Field(0.3, ge=0, le=1, description="Grounding: minimum box score.")
     text_threshold: float = Field(0.25, ge=0, le=1, description="Grounding: minimum phrase-token score.")
     segment: Literal["sam", "hf-sam", "box", "grabcut"] = Field(

@@ -199,6 +199,9 @@ class HFGroundingDino:
             raise ValueError(f"remove.ground_model={config.ground_model!r}: cannot load a Grounding DINO "
                              f"processor and model ({type(exc).__name__}: {exc})") from exc
         self.model = model.to(self.device).eval()
+        size = dict(self.processor.image_processor.size)
+        size.update({k: v for k, v in (("shortest_edge", config.ground_size), ("longest_edge", config.ground_max_size)) if v})
+        self.processor.image_processor.size = size
         tokenizer = self.processor.tokenizer
         self._separators = {i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
                                         tokenizer.convert_tokens_to_ids(".")) if i is not None}
@@ -235,15 +238,16 @@ class HFGroundingDino:
                             self.config.text_threshold)
 
 
+REFERENCE_SIZE = (800, 1333)  # groundingdino-py's inference resize: shorter side, longer side at most
+
+
 class GroundingDinoPy:
     """Grounding DINO's reference implementation (groundingdino-py): config file + checkpoint.
 
-    The image transform is the package's ``load_image`` one, on a PIL image: shorter side to ``image_size``
-    (longer side at most ``max_size``), ImageNet normalisation.
+    The image transform is the package's ``load_image`` one, on a PIL image: shorter side to
+    ``remove.ground_size`` (longer side at most ``remove.ground_max_size``), ImageNet normalisation. The
+    reference size is 800 / 1333; tests use smaller ones (>= 128 px: smaller fails in GroupNorm).
     """
-
-    image_size = 800  # the reference inference size; tests use smaller ones (>= 128: GroupNorm)
-    max_size = 1333
 
     def __init__(self, config: RemoveConfig) -> None:
         self.config = config
@@ -301,10 +305,10 @@ class GroundingDinoPy:
         import torchvision.transforms.functional as F
 
         width, height = image.size
-        size = self.image_size
+        size, max_size = self.config.ground_size or REFERENCE_SIZE[0], self.config.ground_max_size or REFERENCE_SIZE[1]
         short, long = min(width, height), max(width, height)
-        if long / short * size > self.max_size:
-            size = int(round(self.max_size * short / long))
+        if long / short * size > max_size:
+            size = int(round(max_size * short / long))
         if short != size:
             width, height = (size, int(size * height / width)) if width < height else (int(size * width / height), size)
         tensor = F.to_tensor(F.resize(image.convert("RGB"), [height, width]))
@@ -340,7 +344,7 @@ class GroundingDinoPy:
 # -- loading -------------------------------------------------------------------------------------------------
 
 _GROUND_FIELDS = ("ground", "grounding", "ground_model", "groundingdino_config", "groundingdino_checkpoint", "text_encoder",
-                  "box_threshold", "text_threshold", "device")
+                  "ground_size", "ground_max_size", "box_threshold", "text_threshold", "device")
 _grounders: dict[str, Grounder] = {}
 _lock = threading.Lock()
 

@@ -139,6 +139,17 @@ def test_hf_grounding_dino_one_forward_for_all_phrases(hf_model_dir: Path) -> No
     assert grounder.ground(image, [], {}) == [] and grounder.forward_calls == 1
 
 
+def test_grounding_input_size_is_config(hf_model_dir: Path, gdino_files) -> None:
+    """remove.ground_size / ground_max_size: CPU users trade accuracy for time (issue 14); None keeps the model's."""
+    image = Image.new("RGB", (120, 90))
+    hf = load_grounder(hf_config(hf_model_dir, ground_size=144, ground_max_size=400))
+    assert hf.processor(images=image, text="dog.", return_tensors="pt")["pixel_values"].shape[-2:] == (144, 192)
+    assert load_grounder(hf_config(hf_model_dir)).processor.image_processor.size != hf.processor.image_processor.size
+    py = load_grounder(gd_config(gdino_files, ground_size=128, ground_max_size=160))
+    assert py.transform(Image.new("RGB", (320, 200))).shape == (3, 100, 160)  # the longer side capped at 160
+    assert GroundingDinoPy(gd_config(gdino_files, ground_size=None)).transform(image).shape == (3, 800, 1066)
+
+
 def test_per_phrase_grounding_is_the_default_one_forward_per_phrase(hf_model_dir: Path) -> None:
     """ASPIRE's Algorithm 1 grounds each phrase alone: what a phrase gets does not depend on the others."""
     assert RemoveConfig().grounding == "per-phrase"
@@ -204,12 +215,12 @@ def gdino_files(tmp_path_factory) -> tuple[Path, Path, Path]:
 def gd_config(files: tuple[Path, Path, Path], **kw) -> RemoveConfig:
     config, checkpoint, bert = files
     fields = dict(ground="groundingdino", groundingdino_config=config, groundingdino_checkpoint=checkpoint,
-                  text_encoder=str(bert), box_threshold=0.0, text_threshold=0.0, device="cpu")
+                  text_encoder=str(bert), box_threshold=0.0, text_threshold=0.0, device="cpu",
+                  ground_size=160)  # >= 128 px: smaller fails in GroupNorm
     return RemoveConfig(**{**fields, **kw})
 
 
-def test_groundingdino_py_one_forward_for_all_phrases(gdino_files, monkeypatch) -> None:
-    monkeypatch.setattr(GroundingDinoPy, "image_size", 160)  # >= 128 px: smaller fails in GroupNorm
+def test_groundingdino_py_one_forward_for_all_phrases(gdino_files) -> None:
     grounder = load_grounder(gd_config(gdino_files, grounding="joint"))
     assert isinstance(grounder, GroundingDinoPy)
     assert grounder.transform(Image.new("RGB", (320, 200))).shape == (3, 160, 256)

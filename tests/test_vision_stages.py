@@ -17,7 +17,6 @@ from aspire.cache import StageStore, file_digest
 from aspire.classifier import build_model, save_model
 from aspire.config import BackgroundConfig, ClassifierConfig, RemoveConfig
 from tasks.background import background_shard_task
-from tasks.grounders import GroundingDinoPy
 from tasks.remove import remove_shard_task
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning"), pytest.mark.usefixtures("one_thread")]
@@ -67,8 +66,7 @@ def test_remove_with_hf_grounding_dino_hf_sam_and_lama(tmp_path, classifier, lam
 
 def test_remove_with_groundingdino_py_and_segment_anything(tmp_path, classifier, gdino_files, sam_checkpoint,  # noqa: F811
                                                            monkeypatch):
-    monkeypatch.setattr(GroundingDinoPy, "image_size", 160)
-    fields = gd_config(gdino_files).model_dump()
+    fields = gd_config(gdino_files).model_dump()  # ground_size 160
     config = RemoveConfig.model_construct(**{**fields, "segment": "sam", "sam_model_type": TINY,
                                              "sam_checkpoint": sam_checkpoint, "inpaint": "opencv",
                                              "max_mask_fraction": 1.0, "batch_size": 2})
