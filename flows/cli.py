@@ -83,6 +83,13 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
     until = until or STAGE_NAMES[-1]
     run_config = _load(config, overrides)
     _preflight(run_config, until)  # fail early, before Prefect starts
+    from flows.aspire import committed_report
+
+    report = None if force else committed_report(run_config, until)
+    if report is not None:  # a warm rerun: decided from the markers, no Prefect server, no flow run
+        typer.echo(f"every stage up to {until} is committed for this config: nothing to run (the report is rebuilt "
+                   "from the stage markers; --force or `aspire stage NAME --force` recomputes)", err=True)
+        return report
     from prefect import tags
 
     from flows.aspire import aspire_flow

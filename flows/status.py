@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from aspire.cache import StageStore
+from aspire.cache import StageStore, retry_pending
 from aspire.config import RunConfig
 
 
 def _describe(name: str, store: StageStore) -> dict:
     marker = store.stage_marker()
+    if marker is not None and retry_pending(marker):
+        return {"stage": name, "status": f"retry ({retry_pending(marker)} failed)", "rows": marker["rows"], "key": store.key}
     if marker is not None:
         return {"stage": name, "status": "done", "rows": marker["rows"], "key": store.key}
     committed = [p for p in sorted(store.root.glob("shard-*")) if store.read_marker(p.name) is not None]
@@ -21,7 +23,8 @@ def _describe(name: str, store: StageStore) -> dict:
 
 
 def stage_status(config: RunConfig) -> list[dict]:
-    """One line per stage: ``{"stage", "status", "rows", "key"}`` with status done / partial (n shards) /
+    """One line per stage: ``{"stage", "status", "rows", "key"}`` with status done / retry (n failed: committed,
+    the next run asks again) / partial (n shards) /
     stale (outputs exist only for another config or input) / missing / waiting (upstream not committed)."""
     from flows.keys import STAGES, chain
     from tasks.ingest import list_dataset

@@ -162,6 +162,20 @@ def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
     table = [line.split() for line in result.output.splitlines() if line.split()[:1] and line.split()[0] in STAGES]
     assert [cells[1] for cells in table] == ["done"] * 3 + ["missing"] + ["waiting"] * 8  # (log lines go to stderr)
 
+    # a warm rerun is decided from the markers: no flow run, same numbers, the report rewritten
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    def flow_runs() -> int:
+        return len(httpx.post(f"{PREFECT_API_URL.value()}/flow_runs/filter", json={"limit": 200}).raise_for_status().json())
+
+    report_file, before_runs = tmp_path / "run" / "report.json", flow_runs()
+    first = json.loads(report_file.read_text())
+    report_file.unlink()
+    result = runner.invoke(app, ["stage", "holdout", str(run_config)])
+    assert result.exit_code == 0 and "nothing to run" in result.output, result.output
+    assert flow_runs() == before_runs and json.loads(report_file.read_text())["before"] == first["before"]
+
     model = next((tmp_path / "run" / "classifier").iterdir()) / "model" / "DONE.json"
     before = model.stat().st_mtime_ns
     result = runner.invoke(app, ["stage", "classifier", str(run_config), "--force"])
@@ -261,6 +275,8 @@ def test_failed_llm_captions_are_retried_on_a_plain_rerun_and_most_failed_stops_
         extract_summary = summary(tmp_path / "run", "extract")
         assert extract_summary["stats"]["retryable"] == 2 and extract_summary["failures"] == 2
         assert fake.count == 2 * captions
+        status = CliRunner().invoke(app, ["status", str(run_config), *sum([["--set", o] for o in overrides], [])])
+        assert "extract     retry (2 failed)" in status.output, status.output
 
         fake.default = correct
         run(run_config, *overrides, until="extract")  # a plain rerun: only the two failed captions are sent
