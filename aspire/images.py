@@ -20,6 +20,9 @@ from aspire.manifest import Row
 logger = logging.getLogger(__name__)
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+MAX_PIXELS = 64_000_000
+"""Images with more pixels are quarantined ("image too large"): no classifier input needs them, and every epoch
+would decode the whole file again (Pillow only warns up to ~179 MP). A 64-MP photo is 9,238 x 6,928."""
 
 
 class ImageError(ValueError):
@@ -112,6 +115,11 @@ def _open_decoded(path: Path) -> Image.Image:
         raise ImageError(path, f"not an image: {exc}") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(path, f"image too large: {exc}") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise ImageError(path, f"image too large: {width} x {height} = {width * height / 1e6:.0f} MP, above "
+                               f"{MAX_PIXELS / 1e6:.0f} MP (aspire.images.MAX_PIXELS); downscale it")
     try:
         image.load()
     except (OSError, SyntaxError, EOFError, ValueError) as exc:

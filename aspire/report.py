@@ -30,7 +30,7 @@ def _accuracy_block(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Report dict from the stage summaries (stages that did not run are absent or None)."""
-    quarantine = [q for s in summaries.values() for q in s.get("quarantine", [])]
+    quarantine = [{**q, "stage": name} for name, s in summaries.items() for q in s.get("quarantine", [])]
     holdout = summaries.get("holdout", {})
     before = holdout.get("before", {})
     edits = [summaries[s] for s in ("remove", "background") if s in summaries]
@@ -294,7 +294,7 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
     accuracy_chart(report, workdir / CHART_FILE)
     top_k_chart(report, workdir / TOP_K_FILE)
     quarantine = io.StringIO(newline="")
-    writer = csv.DictWriter(quarantine, fieldnames=["image_id", "path", "reason"], extrasaction="ignore")
+    writer = csv.DictWriter(quarantine, fieldnames=["image_id", "path", "stage", "reason"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(report["quarantine"])
     # each file written beside and renamed: a second run or a reader never sees half a report

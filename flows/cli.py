@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
@@ -124,7 +125,9 @@ def _print_summary(report: dict, workdir: Path) -> None:
         typer.echo("groups more than 5 points worse after augmentation: "
                    + ", ".join(f"{g} {b:.2f} -> {a:.2f}" for g, (b, a) in worse.items()))
     if report["quarantine"]:
-        typer.echo(f"quarantined {len(report['quarantine'])} images, see {workdir / 'quarantine.csv'}")
+        stages = Counter(q.get("stage", "?") for q in report["quarantine"])
+        typer.echo(f"quarantined {len(report['quarantine'])} images ("
+                   + ", ".join(f"{stage}: {n}" for stage, n in stages.items()) + f"), see {workdir / 'quarantine.csv'}")
     typer.echo(f"report: {workdir / 'report.md'}")
 
 

@@ -156,7 +156,7 @@ def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
 
     result = runner.invoke(app, ["stage", "holdout", str(run_config)])
     assert result.exit_code == 0, result.output
-    assert "worst-group accuracy" in result.output and "quarantined 3 images" in result.output
+    assert "worst-group accuracy" in result.output and "quarantined 3 images (ingest: 3)" in result.output
     assert "\r" not in result.output and "\x1b[" not in result.output  # not a terminal: no bars, no escape codes
     result = runner.invoke(app, ["status", str(run_config)])
     table = [line.split() for line in result.output.splitlines() if line.split()[:1] and line.split()[0] in STAGES]

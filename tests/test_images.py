@@ -195,3 +195,15 @@ def _hf_config(root: Path) -> Any:
     from aspire.config import DatasetConfig
 
     return DatasetConfig(format="hf-imagefolder", root=root)
+
+
+def test_a_decompression_bomb_sized_image_is_quarantined_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    """A 144-MP image passed with a Pillow warning and was decoded in full every epoch."""
+    import aspire.images
+
+    big = save(Image.new("RGB", (300, 200), (1, 2, 3)), tmp_path / "big.png")
+    monkeypatch.setattr(aspire.images, "MAX_PIXELS", 50_000)  # the same rule at a size a test can write
+    good, quarantine = check_images([row("big", big)])
+    assert not good and quarantine[0]["reason"].startswith("image too large: 300 x 200 = 0 MP, above 0 MP")
+    monkeypatch.setattr(aspire.images, "MAX_PIXELS", 60_000)
+    assert [r["image_id"] for r in check_images([row("big", big)])[0]] == ["big"]
