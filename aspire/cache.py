@@ -232,8 +232,12 @@ class StageStore:
         # stage, or a reader, never sees a half-written rows file under a valid marker
         with self._locked("stage"):
             tmp = self.root / f".{ROWS}.tmp-{uuid.uuid4().hex[:8]}"
-            write_jsonl(rows, tmp)
-            os.replace(tmp, self.root / ROWS)
+            try:
+                write_jsonl(rows, tmp)
+                os.replace(tmp, self.root / ROWS)
+            except BaseException:  # e.g. the disk is full: the previous commit, if any, stays as it was
+                tmp.unlink(missing_ok=True)
+                raise
             marker = {"rows": len(rows), "digest": file_digest(self.root / ROWS), "parts": tokens,
                       "summary": summary, "committed_at": time.time()}
             _write_json_atomic(self.root / MARKER, marker)

@@ -207,3 +207,34 @@ def test_concurrent_stage_commits_never_show_a_half_written_stage(tmp_path):
     assert seen and all(seen)
     assert store.stage_marker()["rows"] == len(store.read_rows())
     assert not list(tmp_path.rglob(".rows.jsonl.tmp-*"))
+
+
+def test_disk_full_while_writing_a_shard_leaves_nothing_marked_done_and_resumes(tmp_path, monkeypatch):
+    """ENOSPC in the writer: the error reaches the caller, no marker, no temporary folder; once space is back
+    the same call commits the shard (issue 16, suite 5, simulated in the writer)."""
+    import errno
+
+    import aspire.cache
+
+    store = StageStore(tmp_path, "stage", "k1")
+    real = aspire.cache.write_jsonl
+
+    def full(rows, path):
+        real(rows[:1], path)  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(aspire.cache, "write_jsonl", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        store.ensure_shard(0, ROWS[:3], Counter())
+    assert store.read_marker("shard-00000") is None and not store.shard_is_current(0, ROWS[:3])
+    assert not list(tmp_path.rglob("*.tmp-*")) and not store.part_dir("shard-00000").exists()
+    monkeypatch.setattr(aspire.cache, "write_jsonl", real)
+    assert store.ensure_shard(0, ROWS[:3], Counter())["cached"] is False
+    assert len(store.read_shard(0).rows) == 3
+    # the same at the stage commit: the committed stage, if any, is untouched and no temporary file is left
+    store.commit_stage(ROWS[:3], {"n": 3})
+    monkeypatch.setattr(aspire.cache, "write_jsonl", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        store.commit_stage(ROWS[:5], {"n": 5})
+    assert store.stage_marker()["rows"] == 3 and len(store.read_rows()) == 3
+    assert not list(tmp_path.rglob("*.tmp-*"))
