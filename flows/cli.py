@@ -95,7 +95,9 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
 
     from flows.aspire import aspire_flow
     from flows.running import StageFailed
-    from flows.runtime import terminal_display
+    from flows.runtime import stop_children_on_death, terminal_display
+
+    stop_children_on_death()  # a SIGKILL of this process alone must not leave Prefect's server running
 
     stages = STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     with terminal_display(), tags("aspire", f"dataset:{run_config.dataset.format}", f"stages:{stages[0]}..{until}"):

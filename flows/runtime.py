@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 from aspire.config import RunnerConfig
 
@@ -47,6 +48,44 @@ class _NoStageFailedTraceback(logging.Filter):
         if record.exc_info and isinstance(record.exc_info[1], StageFailed):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+_WATCHDOG = """
+import os, signal, sys, time
+parent, me, seen = int(sys.argv[1]), os.getpid(), set()
+while True:
+    alive = os.getppid() == parent  # once the parent dies this process is re-parented
+    if alive:
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                seen = {int(p) for p in f.read().split()} - {me}
+        except OSError:
+            alive = False
+    if not alive:  # stop what the parent had started, as it last listed them
+        for pid in seen:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        break
+    time.sleep(0.5)
+"""
+
+
+_WATCHED = {"pid": None}
+
+
+def stop_children_on_death() -> None:
+    """Start a small watchdog process that, should this process die without cleaning up (SIGKILL of the CLI
+    alone), terminates the processes it had started (Prefect's temporary API server would otherwise keep
+    running). Linux only (it reads /proc); elsewhere a no-op."""
+    import subprocess
+
+    if _WATCHED["pid"] == os.getpid() or not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        return  # one watchdog per process (tests invoke the CLI many times in one process)
+    _WATCHED["pid"] = os.getpid()
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def terminal_display():

@@ -441,3 +441,39 @@ def test_the_gpu_tag_stays_only_on_tasks_that_run_on_cuda():
     assert "gpu" not in on_gpu(remove.remove_shard_task, "cpu", "cpu").tags
     assert "gpu" not in on_gpu(remove.remove_shard_task).tags  # weight-free backends: no device at all
     assert "gpu" in on_gpu(classifier.train_task, "cpu", "cuda:0").tags
+
+
+def test_killing_the_cli_alone_does_not_leave_prefects_server_running(run_config, tmp_path):
+    """SIGKILL of the CLI's own process (not its group) used to orphan Prefect's temporary API server."""
+    import signal
+    import subprocess
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # its own temporary server, not the tests' one
+    log = tmp_path / "cli.log"
+    with open(log, "w") as out:
+        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "classifier", str(run_config)], env=env,
+                               stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+
+    def server_pids() -> set[int]:
+        pids = set()
+        for pid in Path(f"/proc/{cli.pid}/task/{cli.pid}/children").read_text().split():
+            if "prefect.server" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                pids.add(int(pid))
+        return pids
+
+    deadline, servers = time.monotonic() + 120, set()
+    while not servers and time.monotonic() < deadline and cli.poll() is None:
+        time.sleep(0.5)
+        servers = server_pids()
+    assert servers, log.read_text()
+    time.sleep(1.0)  # the watchdog lists the CLI's children twice a second
+    cli.send_signal(signal.SIGKILL)
+    cli.wait()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                   for pid in servers), "Prefect's server outlived the killed CLI"
