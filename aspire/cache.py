@@ -52,10 +52,31 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path`` and rename it into place: a reader or a second writer sees the old file or
+    the new one, never half of one; on failure (a full disk) the old file stays and no temporary file is left."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(value, indent=1, default=str))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path`` (created empty) across threads and processes, for the block."""
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _read_json_dict(path: Path) -> dict[str, Any] | None:
@@ -141,12 +162,8 @@ class StageStore:
     def _locked(self, name: str) -> Iterator[None]:
         """Exclusive lock of one part across threads and processes (held while it is checked and written)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f".{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with file_lock(self.root / f".{name}.lock"):
+            yield
 
     def ensure_part(self, name: str, write: Callable[[Path], dict[str, Any] | None], input_digest: str = "",
                     checked_files: tuple[str, ...] = ()) -> dict[str, Any]:

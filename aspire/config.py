@@ -39,7 +39,7 @@ class Section(BaseModel):
 def _numeric(annotation: Any) -> bool:
     """int, float, or an Optional/Union of them without bool."""
     options = getattr(annotation, "__args__", None) or (annotation,)
-    return bool.__name__ not in {getattr(a, "__name__", "") for a in options} and any(a in (int, float) for a in options)
+    return bool not in options and any(a in (int, float) for a in options)
 
 
 DatasetFormat = Literal["imagefolder", "hf-imagefolder", "waterbirds", "celeba", "spuco"]

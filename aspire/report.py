@@ -6,13 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
+from aspire.cache import write_text_atomic
 from aspire.manifest import Row
 
 STAGE_FIELDS = ("status", "seconds", "cached", "rows_in", "rows_out", "failures")
@@ -297,12 +296,10 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
     writer = csv.DictWriter(quarantine, fieldnames=["image_id", "path", "stage", "reason"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(report["quarantine"])
-    # each file written beside and renamed: a second run or a reader never sees half a report
-    for name, text in (("report.json", json.dumps(report, indent=1)), ("quarantine.csv", quarantine.getvalue()),
-                       ("report.md", render_markdown(report, figure_files(workdir)))):
-        tmp = workdir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(text, encoding="utf-8", newline="")
-        os.replace(tmp, workdir / name)
+    # a second run or a reader never sees half a report
+    write_text_atomic(workdir / "report.json", json.dumps(report, indent=1))
+    write_text_atomic(workdir / "quarantine.csv", quarantine.getvalue())
+    write_text_atomic(workdir / "report.md", render_markdown(report, figure_files(workdir)))
     return report
 
 

@@ -8,7 +8,6 @@ generate -> export -> retrain. Keys (:mod:`flows.keys`) chain by content, so rer
 from __future__ import annotations
 
 import base64
-import fcntl
 import shutil
 import uuid
 from pathlib import Path
@@ -17,14 +16,14 @@ import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from aspire.cache import StageStore, retry_pending
+from aspire.cache import StageStore, file_lock, retry_pending
 from aspire.config import RunConfig, load_config
 from aspire.manifest import digest
 from aspire.report import figure_files, render_markdown, write_report
 from aspire.synth import draw_background_bank, draw_benchmark
 from flows.keys import STAGES, chain
 from flows.preflight import preflight
-from flows.running import artifact_key, as_stage_flow, run_stage
+from flows.running import artifact_key, as_stage_flow, cached_summary, run_stage
 from flows.runtime import make_task_runner, project_logging
 from flows.stages import COMPUTE
 from tasks import ingest
@@ -78,7 +77,7 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
             if STAGES.index(name) > STAGES.index(until):  # report what is committed downstream, run nothing
                 marker = store.stage_marker()
                 if marker is not None:
-                    summaries[name] = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
+                    summaries[name] = cached_summary(marker)
                 continue
             rows, summaries[name] = as_stage_flow(name, lambda: run_stage(
                 config, name, store, name in force, lambda: COMPUTE[name](config, runner, store, rows, stores)))
@@ -112,7 +111,7 @@ def committed_report(config: RunConfig, until: str = STAGES[-1]) -> dict | None:
             if STAGES.index(name) <= STAGES.index(until):
                 return None
             continue
-        summaries[name] = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
+        summaries[name] = cached_summary(marker)
         if name == "generate":
             edit_rows = store.read_rows()
     return write_report(config.workdir, summaries, edit_rows)
@@ -132,8 +131,7 @@ def ensure_benchmark(config: RunConfig) -> None:
     wanted = digest(config.synth)
     root.parent.mkdir(parents=True, exist_ok=True)
     # two runs drawing the same benchmark: the second waits, then finds it drawn (no rmtree under a reader)
-    with open(root.with_name(f".{root.name}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(root.with_name(f".{root.name}.lock")):
         if stamp.is_file() and stamp.read_text() == wanted:
             return
         get_run_logger().info("drawing the synthetic benchmark into %s", root)

@@ -105,7 +105,6 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
             return aspire_flow(config_path=str(config.resolve()), overrides=overrides, until=until, force=force or [])
         except StageFailed as exc:
             fail(str(exc), exc, status=1)
-            raise
 
 
 def _print_summary(report: dict, workdir: Path) -> None:

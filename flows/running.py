@@ -126,6 +126,11 @@ def as_stage_flow(name: str, body: Callable[[], Any]) -> Any:
         del _STAGE_BODIES[token]
 
 
+def cached_summary(marker: dict[str, Any]) -> dict[str, Any]:
+    """A committed stage's summary as a run reports it when it reuses the stage."""
+    return {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
+
+
 def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
               compute: Callable[[], tuple[list[Row], dict, list[str]]]) -> tuple[list[Row], dict]:
     """Reuse a committed stage output, or compute it, commit it and publish its summary.
@@ -140,7 +145,7 @@ def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
         logger.info("%s: %d rows failed in the last run and are tried again", name, retry_pending(marker))
     elif marker is not None:
         logger.info("%s: cached (%s, %d rows)", name, store.key, marker["rows"])
-        summary = {**marker["summary"], "status": "done", "cached": True, "seconds": 0.0}
+        summary = cached_summary(marker)
         publish(config, name, summary)
         return store.read_rows(), summary
     start = time.perf_counter()
