@@ -103,7 +103,9 @@ def safe_name(text: str) -> str:
 def write_imagefolder(rows: list[Row], out_dir: Path) -> list[Row]:
     """Put each row's image at ``<out_dir>/<split>/<class_name>/<image_id><ext>`` and write the metadata.
 
-    Images are hard-linked when source and destination share a file system, else copied. Each split folder
+    Images are hard-linked when source and destination share a file system, else copied; an image that other
+    readers would decode differently (CMYK, 16-bit, palette, alpha, an EXIF orientation:
+    :func:`aspire.images.needs_rgb_copy`) is written as the RGB PNG the pipeline saw instead. Each split folder
     gets a ``metadata.parquet`` (:func:`write_metadata_parquet`) with one schema for all splits.
 
     Args:
@@ -119,20 +121,27 @@ def write_imagefolder(rows: list[Row], out_dir: Path) -> list[Row]:
             the labels are not numbered in folder order (torchvision and ``datasets`` would number them otherwise).
         FileNotFoundError: a row's image does not exist.
     """
+    from aspire.images import load_rgb, needs_rgb_copy
+
     out_dir = Path(os.path.abspath(out_dir))
     names = folder_class_names(rows)
     written: dict[Path, str] = {}
     new_rows: list[Row] = []
     for row in rows:
         source = Path(row["path"])
-        file_name = safe_name(row["image_id"]) + source.suffix.lower()
+        as_rgb = source.is_file() and needs_rgb_copy(source)
+        file_name = safe_name(row["image_id"]) + (".png" if as_rgb else source.suffix.lower())
         target = out_dir / row["split"] / safe_name(row["class_name"]) / file_name
         if target in written:
             raise ValueError(
                 f"rows {written[target]!r} and {row['image_id']!r} would both be written to {str(target)!r}"
             )
         written[target] = row["image_id"]
-        _link_or_copy(source, target)
+        if as_rgb:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            load_rgb(source).save(target)
+        else:
+            _link_or_copy(source, target)
         new_rows.append({**row, "path": str(target)})
     for split in sorted({row["split"] for row in new_rows}):
         missing = sorted(set(names) - {row["class_name"] for row in new_rows if row["split"] == split})

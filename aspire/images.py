@@ -1,7 +1,8 @@
 """Loading images as 8-bit RGB, and quarantining the ones that cannot be loaded.
 
 :func:`load_rgb` decodes the whole file (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left off, so a file cut short
-is an error, not a grey bottom half) and converts any mode (grayscale, palette, RGBA, CMYK, 16-bit) to RGB.
+is an error, not a grey bottom half), turns the image by its EXIF orientation and converts any mode (grayscale,
+palette, RGBA, CMYK, 16-bit) to RGB.
 :func:`check_images` runs it over manifest rows and returns the good rows and one quarantine record per bad
 image with a human-readable reason.
 """
@@ -10,15 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aspire.manifest import Row
 
 logger = logging.getLogger(__name__)
 
+ORIENTATION = 0x0112  # EXIF tag
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MAX_PIXELS = 64_000_000
 """Images with more pixels are quarantined ("image too large"): no classifier input needs them, and every epoch
@@ -52,7 +55,25 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         ImageError: missing file, empty file, not an image, truncated or otherwise undecodable image.
     """
     with _open_decoded(Path(path)) as image:
-        return to_rgb(image)
+        return to_rgb(upright(image))
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as viewers show it: turned by its EXIF orientation tag (phone photos), else unchanged."""
+    if image.getexif().get(ORIENTATION, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def needs_rgb_copy(path: str | os.PathLike[str]) -> bool:
+    """Whether readers other than :func:`load_rgb` would see other pixels in this file than it does.
+
+    True for modes that torchvision's loader (``convert("RGB")``: 16-bit clipped, not scaled) and ``datasets``
+    (the raw mode) read differently, and for an EXIF orientation that torchvision ignores and ``datasets``
+    applies. Only the header is read.
+    """
+    with Image.open(path) as image:
+        return image.mode not in ("RGB", "L") or image.getexif().get(ORIENTATION, 1) not in (0, 1)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -110,7 +131,9 @@ def _open_decoded(path: Path) -> Image.Image:
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():  # Pillow warns above ~89 MP; MAX_PIXELS below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except (UnidentifiedImageError, SyntaxError, ValueError, OSError) as exc:
         raise ImageError(path, f"not an image: {exc}") from None
     except Image.DecompressionBombError as exc:

@@ -135,12 +135,20 @@ def _make_row(
     return row
 
 
-def _check_unique_ids(rows: list[Row], root: Path) -> None:
-    seen: set[str] = set()
-    for row in rows:
-        if row["image_id"] in seen:
-            raise DatasetError(f"{root}: image_id {row['image_id']!r} appears twice")
-        seen.add(row["image_id"])
+def _check_unique_ids(rows: list[Row], where: Path | list[str]) -> None:
+    """Every ``image_id`` once; ``where`` is the dataset root or, per row, the file and line it came from.
+
+    Raises:
+        DatasetError: naming both places of the first repeated id.
+    """
+    first: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        j = first.setdefault(row["image_id"], i)
+        if j != i:
+            if isinstance(where, list):
+                raise DatasetError(f"{where[i]}: image_id {row['image_id']!r} was already used at {where[j]} "
+                                   "(ids must be unique across all splits)")
+            raise DatasetError(f"{where}: image_id {row['image_id']!r} appears twice")
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -313,7 +321,7 @@ def read_hf_imagefolder(config: Any) -> list[Row]:
         if numbered and "split" not in numbered[0][1]:
             raise DatasetError(f"{meta}: missing column 'split' (needed for a metadata file at the dataset root)")
         records = [(meta, line, _parse_split(r.get("split"), f"{meta} line {line}"), r) for line, r in numbered]
-    return _hf_rows(records)
+    return _hf_rows(records, root)
 
 
 def _metadata_file(folder: Path) -> Path | None:
@@ -376,8 +384,8 @@ def _decode_record(record: dict[str, str], where: str) -> Row:
 HF_CORE_COLUMNS = ("file_name", "image_id", "label", "class_name", "split", "group")
 
 
-def _hf_rows(records: list[tuple[Path, int, str, Row]]) -> list[Row]:
-    """Manifest rows from metadata records (file, line, split, record)."""
+def _hf_rows(records: list[tuple[Path, int, str, Row]], root: Path) -> list[Row]:
+    """Manifest rows from metadata records (file, line, split, record) of the dataset at ``root``."""
     labelled = [r.get("label") is not None for _, _, _, r in records]
     has_label = all(labelled)
     if any(labelled) and not has_label:  # one empty cell must not drop the label column of the whole dataset
@@ -395,37 +403,46 @@ def _hf_rows(records: list[tuple[Path, int, str, Row]]) -> list[Row]:
             raise DatasetError(f"{where}: no 'label' or 'class_name' column and the image is not in a class folder")
         else:
             label = class_names.index(class_name)
-        rows.append(_hf_row(meta, where, split, record, label, class_name))
+        rows.append(_hf_row(meta, where, split, record, label, class_name, root))
+    places = [f"{meta} line {line}" for meta, line, _, _ in records]
     if has_label:
-        _check_labels(rows, [f"{meta} line {line}" for meta, line, _, _ in records])
+        _check_labels(rows, places)
+    _check_unique_ids(rows, places)
     return rows
 
 
 def _check_labels(rows: list[Row], where: list[str]) -> None:
-    """Labels are 0..K-1 for K classes and each label has one class name (and each name one label).
+    """Labels are 0..K-1 for K class names, and each label has one class name (and each name one label).
 
     Raises:
-        DatasetError: naming the first row that breaks it.
+        DatasetError: naming the first row that breaks it and the row it disagrees with.
     """
-    name_of: dict[int, str] = {}
-    label_of: dict[str, int] = {}
-    for row, at in zip(rows, where):
-        label, name = row["label"], row["class_name"]
-        if name_of.setdefault(label, name) != name or label_of.setdefault(name, label) != label:
-            raise DatasetError(f"{at}: label {label} with class {name!r}, but label {label_of.get(name)} is "
-                               f"{name!r} and label {label} is {name_of[label]!r} elsewhere")
-    k = len(name_of)
+    k = len({row["class_name"] for row in rows})
     for row, at in zip(rows, where):
         if not 0 <= row["label"] < k:
             raise DatasetError(f"{at}: label {row['label']} is out of range: {k} classes, labels 0..{k - 1}")
+    name_at: dict[int, int] = {}
+    label_at: dict[str, int] = {}
+    for i, (row, at) in enumerate(zip(rows, where)):
+        label, name = row["label"], row["class_name"]
+        j = name_at.setdefault(label, i)
+        if rows[j]["class_name"] != name:
+            raise DatasetError(f"{at}: label {label} with class {name!r}, but label {label} is class "
+                               f"{rows[j]['class_name']!r} at {where[j]}")
+        j = label_at.setdefault(name, i)
+        if rows[j]["label"] != label:
+            raise DatasetError(f"{at}: label {label} with class {name!r}, but class {name!r} has label "
+                               f"{rows[j]['label']} at {where[j]}")
 
 
-def _hf_row(meta: Path, where: str, split: str, record: Row, label: int, class_name: str) -> Row:
+def _hf_row(meta: Path, where: str, split: str, record: Row, label: int, class_name: str, root: Path) -> Row:
     """One manifest row from a metadata record; columns other than the core ones are kept as they are."""
     file_name = str(record.get("file_name") or "")
     if not file_name:
         raise DatasetError(f"{where}: column 'file_name' is empty")
     path = Path(os.path.abspath(meta.parent / file_name))
+    if not path.is_relative_to(root):
+        raise DatasetError(f"{where}: file_name {file_name!r} is outside the dataset root {root}")
     image_id = record.get("image_id")
     image_id = str(image_id) if image_id is not None else f"{split}/{Path(file_name).with_suffix('').as_posix()}"
     group = None if record.get("group") is None else _parse_int(record["group"], where, "group")
@@ -458,8 +475,10 @@ def read_waterbirds(config: Any) -> list[Row]:
     if not meta.is_file():
         raise DatasetError(f"{meta}: Waterbirds metadata file does not exist")
     rows: list[Row] = []
+    places: list[str] = []
     for i, record in enumerate(_read_csv(meta, ("img_id", "img_filename", "y", "split", "place")), start=2):
         where = f"{meta} line {i}"
+        places.append(where)
         y = _parse_int(record["y"], where, "y")
         place = _parse_int(record["place"], where, "place")
         if y not in (0, 1) or place not in (0, 1):
@@ -469,6 +488,7 @@ def read_waterbirds(config: Any) -> list[Row]:
             raise DatasetError(f"{where}: column 'split' has value {record['split']!r}, expected 0, 1 or 2")
         path = root / record["img_filename"]
         rows.append(_make_row(str(record["img_id"]), path, y, WATERBIRDS_CLASSES[y], split, 2 * y + place, place=place))
+    _check_unique_ids(rows, places)
     return rows
 
 
