@@ -35,6 +35,7 @@ from aspire.manifest import Row, digest, read_jsonl, write_jsonl
 MARKER = "DONE.json"
 ROWS = "rows.jsonl"
 QUARANTINE = "quarantine.jsonl"
+RUNNING_LOCK = ".running.lock"
 RETRYABLE = "retryable"
 
 
@@ -151,6 +152,33 @@ class StageStore:
     @staticmethod
     def shard_name(index: int) -> str:
         return f"shard-{index:05d}"
+
+    # -- a run computing the stage ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Held (a shared lock) while a run computes this stage, so :meth:`is_running` sees it from any process;
+        released by the kernel when the run dies, however it dies."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / RUNNING_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def is_running(self) -> bool:
+        """Whether some live run is computing this stage now (holds :meth:`running`)."""
+        path = self.root / RUNNING_LOCK
+        if not path.is_file():
+            return False
+        with open(path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
 
     # -- parts (shards and named artifacts) -------------------------------------------------------------
 

@@ -149,9 +149,10 @@ def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
         publish(config, name, summary)
         return store.read_rows(), summary
     start = time.perf_counter()
-    rows, summary, parts = compute()
-    summary = {**summary, "rows_out": len(rows), "key": store.key}
-    store.commit_stage(rows, summary, parts)
+    with store.running():  # `aspire status` from another process shows the stage as running
+        rows, summary, parts = compute()
+        summary = {**summary, "rows_out": len(rows), "key": store.key}
+        store.commit_stage(rows, summary, parts)
     summary = {**summary, "status": "done", "cached": False, "seconds": round(time.perf_counter() - start, 2)}
     publish(config, name, summary)
     logger.info("%s: done in %.1f s (%d rows)", name, summary["seconds"], len(rows))

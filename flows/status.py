@@ -13,7 +13,9 @@ def _describe(name: str, store: StageStore) -> dict:
     if marker is not None:
         return {"stage": name, "status": "done", "rows": marker["rows"], "key": store.key}
     committed = [p for p in sorted(store.root.glob("shard-*")) if store.read_marker(p.name) is not None]
-    if committed:
+    if store.is_running():
+        status = f"running ({len(committed)} shards committed)"
+    elif committed:
         status = f"partial ({len(committed)} shards)"
     elif any(p.is_dir() and p.name != store.key for p in store.root.parent.glob("*")):
         status = "stale (config changed)"
@@ -24,7 +26,7 @@ def _describe(name: str, store: StageStore) -> dict:
 
 def stage_status(config: RunConfig) -> list[dict]:
     """One line per stage: ``{"stage", "status", "rows", "key"}`` with status done / retry (n failed: committed,
-    the next run asks again) / partial (n shards) /
+    the next run asks again) / running (a live run computes it now; n shards committed) / partial (n shards) /
     stale (outputs exist only for another config or input) / missing / waiting (upstream not committed)."""
     from flows.keys import STAGES, chain
     from tasks.ingest import list_dataset

@@ -238,3 +238,27 @@ def test_disk_full_while_writing_a_shard_leaves_nothing_marked_done_and_resumes(
         store.commit_stage(ROWS[:5], {"n": 5})
     assert store.stage_marker()["rows"] == 3 and len(store.read_rows()) == 3
     assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def test_a_stage_is_running_exactly_while_a_live_process_computes_it(tmp_path):
+    """`aspire status` from another process sees the stage running; a SIGKILL of the run ends it at once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store = StageStore(tmp_path, "caption", "k1")
+    assert not store.is_running()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from aspire.cache import StageStore\n"
+        f"with StageStore(Path({str(tmp_path)!r}), 'caption', 'k1').running():\n"
+        "    print('holding', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert store.is_running()
+        with store.running():  # a second run computing the same stage shares the lock, it does not wait
+            assert store.is_running()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert not store.is_running()
