@@ -53,11 +53,16 @@ def alive_in_group(pgid: int) -> list[str]:
             and (line.split()[1] == str(pgid) or "prefect.server" in line)]
 
 
-def status(workdir: Path) -> list[str]:
+def demo_sets(workdir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """``--set`` arguments that run configs/demo.yaml in ``workdir``, as ``aspire demo --workdir`` does."""
     benchmark = workdir / "benchmark"
-    args = ["status", str(REPO / "configs" / "demo.yaml"), "--set", f"workdir={json.dumps(str(workdir))}",
-            "--set", f"dataset.root={json.dumps(str(benchmark))}",
-            "--set", f"background.bank={json.dumps(str(benchmark / 'backgrounds'))}"]
+    sets = [f"workdir={json.dumps(str(workdir))}", f"dataset.root={json.dumps(str(benchmark))}",
+            f"background.bank={json.dumps(str(benchmark / 'backgrounds'))}", *extra]
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def status(workdir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    args = ["status", str(REPO / "configs" / "demo.yaml"), *demo_sets(workdir, extra)]
     return subprocess.run([*ASPIRE, *args], cwd=REPO, capture_output=True, text=True).stdout.splitlines()
 
 

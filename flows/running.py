@@ -28,15 +28,17 @@ from aspire.manifest import Row, digest
 def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_size: int, salt: str = "",
                **task_args) -> tuple[list[Row], list[Row], dict]:
     """Run ``shard_task(store, index, rows, **task_args)`` on ``runner`` for every shard not yet committed,
-    then read all shards back in order. Committed shards are not even submitted: the markers decide."""
+    then read all shards back in order. Committed shards are not even submitted: the markers decide.
+    ``shards_run`` counts the shards this run computed (not those it found committed by a concurrent run)."""
     parts = shards(rows, shard_size)
     todo = [i for i, part in enumerate(parts) if not store.shard_is_current(i, part, salt)]
     progress = create_progress_artifact(0.0, key=f"{workdir_slug(store.workdir)}-{store.stage}-progress",
                                         description=f"{store.stage}: shards committed")
     futures = [runner.submit(shard_task, {"store": store, "index": i, "rows": parts[i], **task_args}) for i in todo]
+    computed = 0  # a shard another run committed while this one waited for its lock is reused, not computed
     with tqdm(total=len(parts), initial=len(parts) - len(todo), desc=store.stage, unit="shard", disable=None) as bar:
         for future in as_completed(futures):
-            future.result()  # re-raises the shard's error
+            computed += not future.result().get("cached")  # result() re-raises the shard's error
             bar.update(1)
             update_progress_artifact(progress, 100.0 * bar.n / len(parts))
     update_progress_artifact(progress, 100.0)
@@ -49,7 +51,7 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
         quarantine += result.quarantine
         for key, value in result.stats.items():
             stats[key] = stats.get(key, 0) + value
-    info = {"shards": len(parts), "shards_run": len(todo), "stats": stats, "quarantine": quarantine,
+    info = {"shards": len(parts), "shards_run": computed, "stats": stats, "quarantine": quarantine,
             "rows_in": len(rows), "failures": len(quarantine),
             "parts": [store.part_ref(store.shard_name(i)) for i in range(len(parts))]}
     return out_rows, quarantine, info
@@ -155,7 +157,9 @@ def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
         store.commit_stage(rows, summary, parts)
     summary = {**summary, "status": "done", "cached": False, "seconds": round(time.perf_counter() - start, 2)}
     publish(config, name, summary)
-    logger.info("%s: done in %.1f s (%d rows)", name, summary["seconds"], len(rows))
+    computed = (f", {summary['shards_run']} of {summary['shards']} shards computed here"
+                if "shards_run" in summary and "shards" in summary else "")
+    logger.info("%s: done in %.1f s (%d rows%s)", name, summary["seconds"], len(rows), computed)
     return rows, summary
 
 
