@@ -90,10 +90,12 @@ def reference(root: Path, name: str, extra: tuple[str, ...]) -> Path:
 def compare(workdir: Path, ref: Path, extra: tuple[str, ...], log: Path) -> dict:
     """A warm rerun of the config writes its report; compare it and the stages with the reference."""
     warm = start(workdir, log, extra).wait()
-    export, ref_export = export_files(workdir), export_files(ref)
+    lines, ref_lines = status(workdir, extra), status(ref, extra)
+    key = next(line.split("key=")[1] for line in lines if line.startswith("export"))
+    export, ref_export = export_files(workdir, key), export_files(ref)
     return {"warm_rerun_exit": warm, "report_identical": comparable(workdir) == comparable(ref),
-            "status_identical": [l.split()[:3] + l.split()[4:] for l in status(workdir, extra)]
-                                == [l.split()[:3] + l.split()[4:] for l in status(ref, extra)],
+            "status_identical": [l.split()[:3] + l.split()[4:] for l in lines]
+                                == [l.split()[:3] + l.split()[4:] for l in ref_lines],
             "export_rows": export["rows"], "reference_export_rows": ref_export["rows"],
             "duplicated_ids": export["duplicated_ids"], "same_files": export["files"] == ref_export["files"]}
 

@@ -66,10 +66,11 @@ def status(workdir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return subprocess.run([*ASPIRE, *args], cwd=REPO, capture_output=True, text=True).stdout.splitlines()
 
 
-def export_files(workdir: Path) -> dict:
+def export_files(workdir: Path, key: str = "*") -> dict:
+    """The exported dataset's files and rows (``key``: the export stage's key when a workdir holds several)."""
     import pyarrow.parquet as pq
 
-    (data,) = [p for p in (workdir / "export").glob("*/dataset/data") if p.is_dir()]
+    (data,) = [p for p in (workdir / "export").glob(f"{key}/dataset/data") if p.is_dir()]
     files = sorted(str(p.relative_to(data)) for p in data.rglob("*") if p.is_file())
     ids = [i for meta in data.glob("*/metadata.parquet") for i in pq.read_table(meta).column("image_id").to_pylist()]
     return {"files": files, "rows": len(ids), "duplicated_ids": len(ids) - len(set(ids))}

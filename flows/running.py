@@ -3,6 +3,7 @@ published as Prefect artifacts."""
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -55,6 +56,18 @@ def run_shards(runner, store: StageStore, rows: list[Row], shard_task, shard_siz
             "rows_in": len(rows), "failures": len(quarantine),
             "parts": [store.part_ref(store.shard_name(i)) for i in range(len(parts))]}
     return out_rows, quarantine, info
+
+
+STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+"""``errno`` values of an ``OSError`` that stops a run because of its storage, which the user can fix and resume."""
+
+
+def storage_problem(exc: OSError) -> str:
+    """One line for a run stopped by its storage (disk full, quota, read-only, no permission)."""
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (f"stopped: {STORAGE_ERRORS[exc.errno]}{where} ({exc.strerror}). Committed work is kept and nothing "
+            "half-written is marked done: free space (or fix the permissions) and rerun the same command to resume.")
 
 
 class StageFailed(RuntimeError):

@@ -30,22 +30,26 @@ def prefect_defaults() -> None:
 
 def project_logging() -> None:
     """The project's loggers at INFO (Prefect attaches its API handler to them but leaves their level to the
-    root's WARNING, which would drop the epoch lines); Prefect's flow-run logger prints a stage that stopped the
-    run (``StageFailed``) as its one-line message, without the traceback."""
+    root's WARNING, which would drop the epoch lines); Prefect's flow- and task-run loggers print a run stopped
+    on purpose (``StageFailed``) or by its storage (a full disk) as its one-line message, without the traceback."""
     for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
-    flow_runs = logging.getLogger("prefect.flow_runs")
-    if not any(isinstance(f, _NoStageFailedTraceback) for f in flow_runs.filters):
-        flow_runs.addFilter(_NoStageFailedTraceback())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        runs = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForStops) for f in runs.filters):
+            runs.addFilter(_NoTracebackForStops())
 
 
-class _NoStageFailedTraceback(logging.Filter):
+class _NoTracebackForStops(logging.Filter):
+    """Drops the traceback of a run stopped on purpose (``StageFailed``) or by its storage (disk full)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        from flows.running import StageFailed
+        from flows.running import STORAGE_ERRORS, StageFailed
 
-        if record.exc_info and isinstance(record.exc_info[1], StageFailed):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, StageFailed) or (isinstance(error, OSError) and error.errno in STORAGE_ERRORS):
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -195,6 +195,34 @@ def test_dask_runner_runs_shards_in_worker_processes(run_config, tmp_path):
     assert pids and os.getpid() not in pids
 
 
+def test_a_dask_worker_dying_mid_shard_is_replaced_and_its_shard_redone(tmp_path):
+    """The worker process running shard 0 dies half-way (os._exit): Dask's nanny starts a new worker, the shard runs
+    again, the run completes with every row once, and the dead attempt's temporary folder is gone."""
+    from dask_faults import crash_once_shard_task
+    from prefect import flow
+
+    from aspire.cache import StageStore
+    from aspire.config import RunnerConfig
+    from flows.running import run_shards
+    from flows.runtime import make_task_runner
+
+    store = StageStore(tmp_path / "run", "faulty", "k1")
+    rows = [{"image_id": f"img{i}", "path": f"/x/{i}.png", "label": 0, "class_name": "a", "split": "train"}
+            for i in range(8)]
+    flag = tmp_path / "crashed-pid"
+
+    @flow(name="dask-worker-fault")
+    def faulty():
+        with make_task_runner(RunnerConfig(kind="dask", n_workers=2)) as runner:
+            return run_shards(runner, store, rows, crash_once_shard_task, 2, flag=str(flag))
+
+    out, quarantine, info = faulty()
+    dead = int(flag.read_text())
+    assert [r["image_id"] for r in out] == [r["image_id"] for r in rows] and not quarantine
+    assert info["shards_run"] == 4 and dead not in {r["pid"] for r in out} and os.getpid() not in {r["pid"] for r in out}
+    assert not list(store.root.glob(".*.tmp-*"))
+
+
 def test_serve_creates_a_scheduled_deployment_that_prefect_deployment_run_triggers(run_config, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
@@ -477,3 +505,33 @@ def test_killing_the_cli_alone_does_not_leave_prefects_server_running(run_config
         time.sleep(0.5)
     assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
                    for pid in servers), "Prefect's server outlived the killed CLI"
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_a_rerun_resumes(run_config, tmp_path, monkeypatch):
+    """ENOSPC while the classifier's shards are written: exit 1 with one line, no traceback, ingest stays committed,
+    nothing of the classifier is marked done; once space is back the same command resumes (issue 16, suite 5)."""
+    import errno
+
+    import aspire.cache
+    from flows.cli import app
+
+    real = aspire.cache.write_jsonl
+
+    def full_in_classifier(rows, path):
+        if "/classifier/" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(rows, path)
+
+    monkeypatch.setattr(aspire.cache, "write_jsonl", full_in_classifier)
+    result = CliRunner().invoke(app, ["stage", "holdout", str(run_config)])
+    assert result.exit_code == 1, result.output
+    assert "stopped: the disk is full writing" in result.output and "rerun the same command" in result.output
+    assert "Traceback" not in result.output
+    workdir = tmp_path / "run"
+    assert list((workdir / "ingest").glob("*/DONE.json"))
+    assert [p.parent.name for p in (workdir / "classifier").rglob("DONE.json")] == ["model"]  # trained, no shard
+    assert not list(workdir.rglob("*.tmp-*"))
+    monkeypatch.setattr(aspire.cache, "write_jsonl", real)
+    result = CliRunner().invoke(app, ["stage", "holdout", str(run_config)])
+    assert result.exit_code == 0, result.output
+    assert summary(workdir, "ingest")["rows_out"] > 0 and summary(workdir, "holdout")["holdout"] > 0
