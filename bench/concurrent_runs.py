@@ -8,7 +8,7 @@ Usage: .venv/bin/python -m bench.concurrent_runs [--root DIR]
    ``aspire status`` is polled every few seconds.
 3. Two configs sharing upstream stages: A and B started together on one workdir.
 
-Checked: both runs exit 0; each shard of a shared stage is computed by exactly one run (the other waits for its
+Checked: both runs exit 0; each shard of a shared stage (the same key for both configs) is computed by exactly one run (the other waits for its
 lock and reuses it: the "N of M shards computed here" log lines); afterwards every stage is intact with the
 reference's keys and row counts (`aspire status`); the export has the reference's files and rows, no duplicated
 id; the report a warm rerun of each config writes equals its reference; no temporary folder left; and every
@@ -113,9 +113,10 @@ def scenario(root: Path, name: str, configs: list[tuple[str, tuple[str, ...], Pa
     exits = [p.wait() for p in processes]
     minutes = round((time.perf_counter() - t0) / 60, 1)
     per_run = [computed(log) for log in logs]
-    shared = [s for s in STAGES if all(s in run for run in per_run)]
+    keys = [{line.split()[0]: line.split("key=")[-1] for line in status(workdir, extra)} for _, extra, _ in configs]
+    shared = [s for s in STAGES if len({k[s] for k in keys}) == 1 and all(s in run for run in per_run)]
     once = {s: sum(run[s][0] for run in per_run) == max(run[s][1] for run in per_run) for s in shared}
-    result = {"exits": exits, "minutes": minutes, "computed_per_run": per_run,
+    result = {"exits": exits, "minutes": minutes, "computed_per_run": per_run, "shared_stages": shared,
               "every_shared_shard_computed_once": all(once.values()), "not_once": [s for s, ok in once.items() if not ok],
               "status_during": {k: v for k, v in polled.items() if k != "timeline"},
               "leftovers": leftovers(workdir)}

@@ -29,6 +29,7 @@ project >= 50% of pure for every stage.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -470,11 +471,27 @@ BENCHES = {"classifier": bench_classifier, "caption": bench_caption, "ground": b
            "generate": bench_generate}
 
 
+def peak_rss_mb(reset: bool = False) -> float | None:
+    """This process's peak resident memory (Linux ``VmHWM``); ``reset`` starts a new peak from now."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def run(stages: list[str], setting: Setting, out: Path | None = None) -> list[dict]:
-    """Each stage in its own temporary folder; a stage that fails is reported with its error, the others go on."""
+    """Each stage in its own temporary folder; a stage that fails is reported with its error, the others go on.
+    ``peak_rss_mb``: the process's peak resident memory while the stage built, loaded and ran its model."""
     results = []
     for name in stages:
         with tempfile.TemporaryDirectory(prefix=f"gpu-stages-{name}-") as tmp:
+            gc.collect()
+            peak_rss_mb(reset=True)
             start = time.perf_counter()
             try:
                 result = BENCHES[name](Path(tmp), setting)
@@ -483,7 +500,7 @@ def run(stages: list[str], setting: Setting, out: Path | None = None) -> list[di
             pure = next((v for k, v in result.items() if k.startswith("pure")), None)
             result = {"stage": name, "batch": setting.batch, **result,
                       "project_share": round(result["project"] / pure, 3) if pure else None,
-                      "seconds": round(time.perf_counter() - start, 1)}
+                      "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(peak_rss_mb() or 0)}
             if setting.device.startswith("cuda"):
                 result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
                 torch.cuda.reset_peak_memory_stats()
@@ -509,15 +526,16 @@ def main() -> None:
     args = parser.parse_args()
     setting = Setting(args.size, args.device, args.images, args.batch, args.steps)
     results = run(args.stages.split(","), setting, args.out)
-    print("| stage | model | dtype | batch | project images/s | pure images/s | project / pure | peak GPU MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| stage | model | dtype | batch | project images/s | pure images/s | project / pure | peak RSS MB "
+          "| peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['stage']} | **failed**: {r['error']} | | | | | | |")
+            print(f"| {r['stage']} | **failed**: {r['error']} | | | | | | | |")
             continue
         pure = next(v for k, v in r.items() if k.startswith("pure"))
         print(f"| {r['stage']} | {r['model']} | {r['dtype']} | {r['batch']} | {r['project']:.2f} | {pure:.2f} "
-              f"| {r['project_share']:.2f} | {r.get('peak_gpu_mb', '-')} |")
+              f"| {r['project_share']:.2f} | {r['peak_rss_mb']} | {r.get('peak_gpu_mb', '-')} |")
 
 
 if __name__ == "__main__":

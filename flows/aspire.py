@@ -18,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from aspire.cache import StageStore, file_lock, retry_pending
 from aspire.config import RunConfig, load_config
-from aspire.manifest import digest
+from aspire.manifest import Row, digest
 from aspire.report import figure_files, render_markdown, write_report
 from aspire.synth import draw_background_bank, draw_benchmark
 from flows.keys import STAGES, chain
@@ -63,11 +63,11 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
     project_logging()
     force = set(force or [])
     config = load_config(config_path, overrides)
-    preflight(config, until)  # a scheduled run has no CLI in front of it: the same checks, before any work
+    listing = preflight(config, until)  # a scheduled run has no CLI in front of it: the same checks, before any work
     publish_config(config)
-    if config.synth is not None:
+    if config.synth is not None:  # drawn now, then listed
         ensure_benchmark(config)
-    listing = ingest.list_dataset(config)
+        listing = ingest.list_dataset(config)
     summaries: dict[str, dict] = {}
     rows, edit_rows = listing, None
     with make_task_runner(config.runner) as runner:  # one runner (thread pool or Dask cluster) per flow run
@@ -96,16 +96,17 @@ def report_images(workdir: Path) -> dict[str, str]:
             for key, name in figure_files(workdir).items()}
 
 
-def committed_report(config: RunConfig, until: str = STAGES[-1]) -> dict | None:
+def committed_report(config: RunConfig, until: str = STAGES[-1], listing: list[Row] | None = None) -> dict | None:
     """The run's report rebuilt from the stage markers when every stage up to ``until`` is committed for this config
     (none with failures left to retry), else None: a warm rerun decided without Prefect or any model.
 
+    ``listing``: the dataset as :func:`tasks.ingest.list_dataset` lists it, when the caller has it already.
     Writes report.json / report.md / quarantine.csv as a run would."""
     if config.synth is not None and not (config.dataset.root / ".synth-digest").is_file():
         return None
     summaries: dict[str, dict] = {}
     edit_rows = None
-    for name, store in chain(config, ingest.list_dataset(config)):
+    for name, store in chain(config, listing if listing is not None else ingest.list_dataset(config)):
         marker = store.stage_marker()
         if marker is None or retry_pending(marker):
             if STAGES.index(name) <= STAGES.index(until):

@@ -70,11 +70,12 @@ def _load(config: Path, overrides: list[str] | None, model=None):
         fail(str(exc), exc)
 
 
-def _preflight(run_config, until: str = STAGE_NAMES[-1], methods: tuple[str, ...] = ()) -> None:
+def _preflight(run_config, until: str = STAGE_NAMES[-1], methods: tuple[str, ...] = ()) -> list | None:
+    """The dataset's listing once every check passed; else every problem, one line each, and exit 2."""
     from flows.preflight import PreflightError, preflight
 
     try:
-        preflight(run_config, until, methods)
+        return preflight(run_config, until, methods)
     except PreflightError as exc:
         fail("\n".join(exc.problems) + f"\n({len(exc.problems)} problem(s) found before the run; nothing was run)", exc)
 
@@ -83,10 +84,10 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
     prefect_defaults()
     until = until or STAGE_NAMES[-1]
     run_config = _load(config, overrides)
-    _preflight(run_config, until)  # fail early, before Prefect starts
+    listing = _preflight(run_config, until)  # fail early, before Prefect starts
     from flows.aspire import committed_report
 
-    report = None if force else committed_report(run_config, until)
+    report = None if force else committed_report(run_config, until, listing)
     if report is not None:  # a warm rerun: decided from the markers, no Prefect server, no flow run
         typer.echo(f"every stage up to {until} is committed for this config: nothing to run (the report is rebuilt "
                    "from the stage markers; --force or `aspire stage NAME --force` recomputes)", err=True)

@@ -37,9 +37,11 @@ class PreflightError(ValueError):
         self.problems = problems
 
 
-def preflight(config: RunConfig, until: str = STAGES[-1], methods: tuple[str, ...] = ()) -> None:
+def preflight(config: RunConfig, until: str = STAGES[-1], methods: tuple[str, ...] = ()) -> list | None:
     """Raise :class:`PreflightError` listing every problem the stages up to ``until`` (and the trainers in
-    ``methods``, for ``aspire train``) would meet; return quietly when there is none."""
+    ``methods``, for ``aspire train``) would meet; when there is none, return the dataset's listing
+    (:func:`tasks.ingest.list_dataset`, None for a synthetic benchmark not drawn yet) so callers need not list
+    it again."""
     stages = STAGES[: STAGES.index(until) + 1]
     checks = Checks()
     if config.workdir.exists() and not config.workdir.is_dir():
@@ -86,6 +88,7 @@ def preflight(config: RunConfig, until: str = STAGES[-1], methods: tuple[str, ..
         import huggingface_hub.constants
 
         huggingface_hub.constants.HF_HUB_OFFLINE = True
+    return checks.listing
 
 
 class Checks:
@@ -95,6 +98,7 @@ class Checks:
         self.problems: list[str] = []
         self.hub_models: list[str] = []  # hub ids found in the local cache
         self.class_names: list[str] = []  # from the dataset listing
+        self.listing: list | None = None
 
     def add(self, key: str, value: object, problem: str) -> None:
         line = f"{key}={'unset' if value is None else repr(str(value))}: {problem}"
@@ -111,6 +115,7 @@ class Checks:
         except (DatasetError, ManifestError) as exc:
             self.problems.append(f"dataset ({config.dataset.format} at {config.dataset.root}): {exc}")
             return
+        self.listing = rows
         self.class_names = sorted({r["class_name"] for r in rows})
         if not any(r["split"] == "train" for r in rows):
             self.add("dataset.root", config.dataset.root, "no training images found")
