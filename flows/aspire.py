@@ -136,9 +136,15 @@ def ensure_benchmark(config: RunConfig) -> None:
         if stamp.is_file() and stamp.read_text() == wanted:
             return
         get_run_logger().info("drawing the synthetic benchmark into %s", root)
+        for stale in root.parent.glob(f"{root.name}.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
-        draw_benchmark(config.synth, tmp)
-        draw_background_bank(config.synth, tmp / "backgrounds")  # for the composite background editor
-        (tmp / ".synth-digest").write_text(wanted)
+        try:
+            draw_benchmark(config.synth, tmp)
+            draw_background_bank(config.synth, tmp / "backgrounds")  # for the composite background editor
+            (tmp / ".synth-digest").write_text(wanted)
+        except BaseException:  # e.g. the disk is full: no half-drawn benchmark is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)

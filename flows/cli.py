@@ -109,7 +109,7 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
         except OSError as exc:
             if exc.errno not in STORAGE_ERRORS:
                 raise
-            fail(storage_problem(exc), exc, status=1)
+            fail(storage_problem(exc, run_config.workdir), exc, status=1)
 
 
 def _print_summary(report: dict, workdir: Path) -> None:

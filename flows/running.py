@@ -63,9 +63,9 @@ STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quot
 """``errno`` values of an ``OSError`` that stops a run because of its storage, which the user can fix and resume."""
 
 
-def storage_problem(exc: OSError) -> str:
+def storage_problem(exc: OSError, workdir: Path | None = None) -> str:
     """One line for a run stopped by its storage (disk full, quota, read-only, no permission)."""
-    where = f" writing {exc.filename}" if exc.filename else ""
+    where = f" writing {exc.filename}" if exc.filename else (f" under {workdir}" if workdir else "")
     return (f"stopped: {STORAGE_ERRORS[exc.errno]}{where} ({exc.strerror}). Committed work is kept and nothing "
             "half-written is marked done: free space (or fix the permissions) and rerun the same command to resume.")
 

@@ -535,3 +535,29 @@ def test_a_full_disk_stops_the_run_in_one_line_and_a_rerun_resumes(run_config, t
     result = CliRunner().invoke(app, ["stage", "holdout", str(run_config)])
     assert result.exit_code == 0, result.output
     assert summary(workdir, "ingest")["rows_out"] > 0 and summary(workdir, "holdout")["holdout"] > 0
+
+
+def test_a_benchmark_draw_that_fails_leaves_no_half_drawn_folder(tmp_path, monkeypatch):
+    """A full disk while the synthetic benchmark is drawn: the error reaches the caller and the half-drawn temporary
+    folder is gone (bench/disk_full.py found one left behind)."""
+    import errno
+
+    from prefect import flow
+
+    import flows.aspire
+    from aspire.config import RunConfig
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(flows.aspire, "draw_background_bank", full)
+    config = RunConfig(workdir=tmp_path / "run", dataset={"format": "hf-imagefolder", "root": tmp_path / "benchmark"},
+                       synth=SMALL | {"train_per_class": 2})
+
+    @flow(name="draw-benchmark")
+    def draw():
+        flows.aspire.ensure_benchmark(config)
+
+    with pytest.raises(OSError, match="No space left"):
+        draw()
+    assert not (tmp_path / "benchmark").exists() and not list(tmp_path.glob("*.tmp-*"))
