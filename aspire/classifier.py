@@ -138,7 +138,14 @@ def predict_images(model: nn.Module, images: Sequence[Image.Image], image_size: 
 
 def save_model(model: nn.Module, path: Path, config: ClassifierConfig, class_names: list[str]) -> None:
     """Save weights plus what is needed to rebuild the model (config and class names)."""
-    torch.save({"state_dict": model.state_dict(), "config": config.model_dump(mode="json"), "class_names": class_names}, path)
+    save_torch({"state_dict": model.state_dict(), "config": config.model_dump(mode="json"), "class_names": class_names}, path)
+
+
+def save_torch(value: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so a full disk raises ``OSError(ENOSPC)`` (given a path, torch's writer
+    reports it as a ``RuntimeError`` "unexpected pos ...", which reads like a bug)."""
+    with open(path, "wb") as f:
+        torch.save(value, f)
 
 
 def load_model(path: Path) -> tuple[nn.Module, ClassifierConfig, list[str]]:
@@ -293,7 +300,7 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
                 best_state = copy.deepcopy(model.state_dict())
             if checkpoint is not None:
                 tmp = checkpoint.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                             "history": history, "best_epoch": best_epoch, "best_state": best_state}, tmp)
                 tmp.replace(checkpoint)
     model.load_state_dict(best_state)

@@ -144,7 +144,7 @@ def pretrained_backbone(config: ClassifierConfig) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: the architecture is not ``small-cnn`` (torchvision architectures take ``weights: imagenet``).
     """
-    from aspire.classifier import SmallCNN, fit
+    from aspire.classifier import SmallCNN, fit, save_torch
 
     if config.arch != "small-cnn":
         raise ValueError(f"classifier.weights='synthetic-pretrain' is for arch 'small-cnn', not {config.arch!r} "
@@ -164,7 +164,7 @@ def pretrained_backbone(config: ClassifierConfig) -> dict[str, torch.Tensor]:
         history, best = fit(model, [r for r in rows if r["split"] == "train"], [r for r in rows if r["split"] == "val"],
                             train_config, pretrain.seed)
         shutil.rmtree(corpus)  # the images are redrawn from the seed when needed; only the weights are kept
-        torch.save(model.features.state_dict(), tmp / BACKBONE_FILE)
+        save_torch(model.features.state_dict(), tmp / BACKBONE_FILE)
         return {"val_acc": history[best]["val_avg_acc"], "epochs": len(history)}
 
     marker = store.ensure_part("backbone", write, checked_files=(BACKBONE_FILE,))

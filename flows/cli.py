@@ -95,7 +95,7 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
     from prefect import tags
 
     from flows.aspire import aspire_flow
-    from flows.running import STORAGE_ERRORS, StageFailed, storage_problem
+    from flows.running import StageFailed, storage_error, storage_problem
     from flows.runtime import stop_children_on_death, terminal_display
 
     stop_children_on_death()  # a SIGKILL of this process alone must not leave Prefect's server running
@@ -106,10 +106,11 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
             return aspire_flow(config_path=str(config.resolve()), overrides=overrides, until=until, force=force or [])
         except StageFailed as exc:
             fail(str(exc), exc, status=1)
-        except OSError as exc:
-            if exc.errno not in STORAGE_ERRORS:
+        except Exception as exc:
+            storage = storage_error(exc)
+            if storage is None:
                 raise
-            fail(storage_problem(exc, run_config.workdir), exc, status=1)
+            fail(storage_problem(storage, run_config.workdir), exc, status=1)
 
 
 def _print_summary(report: dict, workdir: Path) -> None:

@@ -63,6 +63,17 @@ STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quot
 """``errno`` values of an ``OSError`` that stops a run because of its storage, which the user can fix and resume."""
 
 
+def storage_error(exc: BaseException | None) -> OSError | None:
+    """The ``OSError`` of a full disk (quota, read-only, no permission) that is ``exc`` or caused it, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRORS:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def storage_problem(exc: OSError, workdir: Path | None = None) -> str:
     """One line for a run stopped by its storage (disk full, quota, read-only, no permission)."""
     where = f" writing {exc.filename}" if exc.filename else (f" under {workdir}" if workdir else "")

@@ -46,10 +46,10 @@ class _NoTracebackForStops(logging.Filter):
     """Drops the traceback of a run stopped on purpose (``StageFailed``) or by its storage (disk full)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from flows.running import STORAGE_ERRORS, StageFailed
+        from flows.running import StageFailed, storage_error
 
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, StageFailed) or (isinstance(error, OSError) and error.errno in STORAGE_ERRORS):
+        if isinstance(error, StageFailed) or storage_error(error) is not None:
             record.exc_info, record.exc_text = None, None
         return True
 

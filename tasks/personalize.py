@@ -432,7 +432,7 @@ def train_textual_inversion(images: list[Path], placeholder: str, initializer: s
         aspire.images.ImageError: an image does not load.
         RuntimeError: after training, a parameter other than the new row changed.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     start_time = time.perf_counter()
     # 1. Check inputs; add the placeholder to the tokenizer
@@ -484,7 +484,8 @@ def train_textual_inversion(images: list[Path], placeholder: str, initializer: s
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     learned = embedding.weight[row : row + 1].detach().float().cpu().contiguous()  # (1, dim)
-    save_file({placeholder: learned}, str(out_dir / EMBEDS_FILE))
+    # bytes first: safetensors' own file writer reports a full disk as a SafetensorError, not an OSError
+    (out_dir / EMBEDS_FILE).write_bytes(safetensors_bytes({placeholder: learned}))
     info = {"placeholder": placeholder, "initializer": initializer, "images": [str(p) for p in images],
             "steps": config.steps, "final_loss": loss}
     (out_dir / TOKEN_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")

@@ -141,3 +141,20 @@ def test_train_predict_and_select_holdout(tmp_path):
     other_seed = select_holdout(result.rows, HoldoutConfig(fraction=0.25, seed=2))
     assert {r["image_id"] for r in other_seed if r["holdout"]} != {r["image_id"] for r in held}
     assert evaluate(selected)["test"]["avg_acc"] == 1.0
+
+
+def test_a_full_disk_while_saving_a_model_is_an_oserror(tmp_path):
+    """Given a path, torch.save reports a full disk as RuntimeError('unexpected pos ...'); the project's writers
+    raise OSError(ENOSPC), which the CLI turns into its one-line 'disk is full' message (/dev/full: always full)."""
+    import errno
+
+    from aspire.classifier import save_torch
+
+    full = Path("/dev/full")
+    if not full.exists():
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(RuntimeError):
+        torch.save({"weights": torch.zeros(100_000)}, full)
+    with pytest.raises(OSError) as caught:
+        save_torch({"weights": torch.zeros(100_000)}, full)
+    assert caught.value.errno == errno.ENOSPC
