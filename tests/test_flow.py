@@ -273,6 +273,14 @@ def test_openai_key_never_reaches_run_folder_logs_artifacts_or_parameters(run_co
     artifacts = httpx.post(f"{api}/artifacts/filter", json={"limit": 200, "offset": 0}).raise_for_status().json()
     assert runs and artifacts
     assert secret not in json.dumps(runs) and secret not in json.dumps(artifacts)
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL  # and Prefect's database file itself
+
+    database = Path(str(PREFECT_API_DATABASE_CONNECTION_URL.value()).split("///", 1)[1])
+    files = [f for f in database.parent.glob(f"{database.name}*") if f.is_file()]  # with -wal / -shm
+    assert database in files
+    stored = b"".join(path.read_bytes() for path in files)
+    assert b"fake-model" in stored  # the runs' parameters are in there: the file is the one the API wrote
+    assert secret.encode() not in stored
 
 
 def test_failed_llm_captions_are_retried_on_a_plain_rerun_and_most_failed_stops_the_run(run_config, tmp_path,
