@@ -120,7 +120,7 @@ def _root(config: Any) -> Path:
 
 
 def _make_row(
-    image_id: str, path: Path, label: int, class_name: str, split: str, group: int | None, **extras: Any
+    image_id: str, path: Path | str, label: int, class_name: str, split: str, group: int | None, **extras: Any
 ) -> Row:
     row: Row = {
         "image_id": image_id,
@@ -440,8 +440,8 @@ def _hf_row(meta: Path, where: str, split: str, record: Row, label: int, class_n
     file_name = str(record.get("file_name") or "")
     if not file_name:
         raise DatasetError(f"{where}: column 'file_name' is empty")
-    path = Path(os.path.abspath(meta.parent / file_name))
-    if not path.is_relative_to(root):
+    path = os.path.abspath(os.path.join(meta.parent, file_name))  # strings, not Paths: 200k rows list in seconds
+    if not (path + os.sep).startswith(os.path.join(root, "")):
         raise DatasetError(f"{where}: file_name {file_name!r} is outside the dataset root {root}")
     image_id = record.get("image_id")
     image_id = str(image_id) if image_id is not None else f"{split}/{Path(file_name).with_suffix('').as_posix()}"
