@@ -60,6 +60,16 @@ def run_sampled(args: list[str], log: Path) -> tuple[int, dict[str, float], floa
     return proc.returncode, peaks, time.perf_counter() - t0
 
 
+def stage_images(name: str, summary: dict, counts: dict) -> int:
+    """The images a stage's work grows with: retraining's training set (train + generated), the generated images,
+    else the rows into the stage."""
+    if name == "retrain":
+        return counts["train"] + counts.get("generated", 0)
+    if name == "generate":
+        return counts.get("generated", 0)
+    return summary.get("rows_in") or summary.get("rows_out") or 0
+
+
 def pipeline(root: Path, scales: list[int], epochs: int) -> list[dict]:
     results = []
     for scale in scales:
@@ -75,7 +85,7 @@ def pipeline(root: Path, scales: list[int], epochs: int) -> list[dict]:
         report = json.loads((workdir / "report.json").read_text())
         stages = {}
         for name, summary in report["stages"].items():
-            images = summary.get("rows_in") or summary.get("rows_out") or 0
+            images = stage_images(name, summary, report["counts"])
             stages[name] = {"seconds": summary.get("seconds", 0.0), "images": images,
                             "ms_per_image": round(1000 * summary.get("seconds", 0.0) / max(images, 1), 3),
                             "peak_rss_mb": round(peaks.get(name, 0.0))}
@@ -191,11 +201,20 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--skip-manifest", action="store_true")
+    parser.add_argument("--tabulate", action="store_true", help="Only recompute the tables from the saved runs.")
     args = parser.parse_args()
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     saved = root / "growth.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
+    if args.tabulate:
+        args.skip_manifest = args.skip_pipeline = True
+        for run in results.get("pipeline", []):
+            report = json.loads((root / f"pipeline-{run['scale']}x" / "report.json").read_text())
+            for name, figures in run["stages"].items():
+                figures["images"] = stage_images(name, report["stages"][name], report["counts"])
+                figures["ms_per_image"] = round(1000 * figures["seconds"] / max(figures["images"], 1), 3)
+        saved.write_text(json.dumps(results, indent=1))
     if not args.skip_manifest:
         results["manifest"] = manifest(root, args.rows)
         saved.write_text(json.dumps(results, indent=1))

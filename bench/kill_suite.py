@@ -10,6 +10,9 @@ Usage: .venv/bin/python -m bench.kill_suite [--root DIR] [--kills 20] [--seed 0]
    dataset (file set, metadata rows, duplicated image ids), and leftovers: temporary folders, lock files,
    processes of a killed group still alive.
 
+``--targets ingest,export,report`` aims the kills instead: each lands 0.1-1.5 s after the named stage begins (or, for
+``report``, after retrain finished, while the report is written), ``--kills`` times per target.
+
 Results: ``<root>/kill_suite.json`` and a markdown table on stdout (BENCHMARKS.md "Random kills").
 """
 
@@ -30,10 +33,24 @@ REPO = Path(__file__).resolve().parents[1]
 ASPIRE = [str(Path(sys.executable).with_name("aspire"))]  # the installed CLI, as a user runs it
 
 
+started = [0.0]  # when the current attempt started (perf_counter)
+
+
 def start(workdir: Path, log: Path) -> subprocess.Popen:
+    started[0] = time.perf_counter()
     with open(log, "w") as out:
         return subprocess.Popen([*ASPIRE, "demo", "--workdir", str(workdir)], cwd=REPO, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_stage(process: subprocess.Popen, log: Path, stage: str, timeout: float = 600.0) -> float:
+    """Seconds from the attempt's start until ``stage`` begins in its log ('report': retrain has finished)."""
+    marker = "Flow run 'retrain' - Finished in state" if stage == "report" else f"Beginning subflow run '{stage}'"
+    while process.poll() is None and time.perf_counter() - started[0] < timeout:
+        if marker in log.read_text(errors="replace"):
+            break
+        time.sleep(0.05)
+    return time.perf_counter() - started[0]
 
 
 def stage_at_kill(log: Path) -> str:
@@ -93,6 +110,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-delay", type=float, default=4.0)
     parser.add_argument("--max-delay", type=float, default=30.0)
+    parser.add_argument("--targets", default="", help="Comma-separated stages to kill inside, in pipeline order "
+                        "(each kill lands 0.1-1.5 s after the stage begins; 'report' = after retrain finished, while "
+                        "the report is written), instead of random delays; each target is killed --kills times.")
     args = parser.parse_args()
     root = args.root.resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -105,13 +125,16 @@ def main() -> None:
         print(f"reference run: {time.perf_counter() - t0:.0f} s", flush=True)
 
     kills, attempt, t0 = [], 0, time.perf_counter()
-    while len(kills) < args.kills:
+    targets = [t for t in args.targets.split(",") if t for _ in range(args.kills)]
+    while len(kills) < (len(targets) or args.kills):
         attempt += 1
         log = root / f"killed-{attempt:02d}.log"
         process = start(killed, log)
         delay = rng.uniform(args.min_delay, args.max_delay)
+        if targets:
+            delay = wait_for_stage(process, log, targets[len(kills)]) + rng.uniform(0.1, 1.5)
         try:
-            process.wait(timeout=delay)
+            process.wait(timeout=max(0.0, delay - (time.perf_counter() - started[0])) if targets else delay)
         except subprocess.TimeoutExpired:
             stage = stage_at_kill(log)
             os.killpg(process.pid, signal.SIGKILL)
