@@ -177,11 +177,11 @@ def plot(results: dict, out: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     runs = results.get("pipeline", [])
-    for name in (runs[0]["stages"] if runs else {}):
+    for i, name in enumerate(runs[0]["stages"] if runs else {}):
         xs = [r["stages"][name]["images"] for r in runs]
         ys = [r["stages"][name]["seconds"] for r in runs]
-        if all(x > 0 and y > 0 for x, y in zip(xs, ys)):
-            left.loglog(xs, ys, marker="o", label=name)
+        if all(x > 0 and y > 0 for x, y in zip(xs, ys)):  # 12 stages: 20 colours, 4 markers
+            left.loglog(xs, ys, marker="osD^"[i % 4], color=plt.cm.tab20(i), label=name)
     left.set(xlabel="images into the stage", ylabel="seconds", title="pipeline stages (flat cost: slope 1)")
     left.legend(fontsize=7, ncol=2)
     rows = results.get("manifest", [])

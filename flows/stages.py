@@ -28,6 +28,7 @@ from tasks import (
     generate,
     holdout,
     ingest,
+    quote,
     remove,
     retrain,
 )
@@ -54,7 +55,7 @@ def _ingest(config: RunConfig, runner, store: StageStore, listing: list[Row], st
 
 def _classifier(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     device = config.classifier.device
-    trained = on_gpu(classifier.train_task, device)(store, rows, config.classifier)
+    trained = on_gpu(classifier.train_task, device)(store, quote(rows), config.classifier)  # quote: see run_shards
     model_digest = trained["files"][classifier.MODEL_FILE]
     predicted, _, info = run_shards(runner, store, rows, on_gpu(classifier.predict_shard_task, device),
                                     config.runner.shard_size, salt=model_digest, model_digest=model_digest)
@@ -230,11 +231,12 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         rows, grouping = retrain.group_rows(store, rows, config.retrain, config.caption,
                                             _summary_of(stores, "collapse")["spurious"], stores["caption"].read_rows())
         args = config.retrain.trainer_args(config.retrain.method, str(classifier.model_file(stores["classifier"])))
-        predicted = on_gpu(retrain.robust_task, settings.device)(store, rows, settings, config.retrain.method, args)
+        predicted = on_gpu(retrain.robust_task, settings.device)(store, quote(rows), settings, config.retrain.method,
+                                                                 args)
         summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method, "grouping": grouping,
                    "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows)}
         return predicted, summary, [store.part_ref(retrain.ROBUST_PART)]
-    trained = on_gpu(classifier.train_task, settings.device)(store, rows, settings)
+    trained = on_gpu(classifier.train_task, settings.device)(store, quote(rows), settings)
     model_digest = trained["files"][classifier.MODEL_FILE]
     evaluated = [r for r in rows if r["split"] in ("val", "test")]
     predicted, _, info = run_shards(runner, store, evaluated, on_gpu(classifier.predict_shard_task, settings.device),

@@ -27,7 +27,7 @@ from aspire.robust import evaluate, make_trainer
 from flows.keys import chain
 from flows.running import artifact_key
 from flows.runtime import project_logging
-from tasks import classifier, ingest
+from tasks import classifier, ingest, quote
 from tasks.export import with_generated_groups
 from tasks.retrain import group_rows
 
@@ -154,7 +154,7 @@ def train_flow(config_path: str, overrides: list[str] | None = None, methods: li
                               grouping[data].get("group_sizes", ""))
         for method in methods:
             for seed in seeds:
-                records.append(train_task(store, method, seed, data, rows, config.classifier,
+                records.append(train_task(store, method, seed, data, quote(rows), config.classifier,
                                           config.retrain.trainer_args(method, found.erm_model, config.workdir,
                                                                       found.phrases)))
                 get_run_logger().info("%s seed %d on %s: test %s", method, seed, data, records[-1]["test"]["worst_group_acc"])

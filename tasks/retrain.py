@@ -17,6 +17,7 @@ from aspire.cache import StageStore
 from aspire.config import CaptionConfig, ClassifierConfig, RetrainConfig
 from aspire.groups import phrase_groups
 from aspire.manifest import Row, digest, read_jsonl, write_jsonl
+from tasks import quote
 
 STAGE = "retrain"
 VERSION = 1
@@ -83,7 +84,7 @@ def group_rows(store: StageStore, rows: list[Row], retrain: RetrainConfig, capti
     captions = {r["image_id"]: r["caption"] for r in rows if isinstance(r.get("caption"), str) and r["caption"].strip()}
     captions.update({r["image_id"]: r["caption"] for r in stage_captions if r.get("caption")})
     missing = [r for r in rows if r.get("source") != "generated" and r["image_id"] not in captions]
-    made = caption_missing_task(store, missing, caption) if missing and caption.backend != "metadata" else {}
+    made = caption_missing_task(store, quote(missing), caption) if missing and caption.backend != "metadata" else {}
     grouped, info = assign_groups(rows, mode, spurious, {**captions, **made})
     return grouped, {**info, "captioned_here": sum(c is not None for c in made.values())}
 

@@ -188,6 +188,20 @@ def test_cli_status_stage_force_and_bad_config(run_config, tmp_path):
     assert result.exit_code == 2 and "holdout.fraction = 2" in result.output
 
 
+def test_quoted_rows_reach_a_dask_worker_unchanged():
+    """Rows go to shard tasks quoted, so Prefect does not walk them; Prefect's own quote comes back from a pickle
+    as a 1-tuple around the value, which a Dask worker's task would receive as its rows."""
+    import cloudpickle
+    from prefect.utilities.collections import visit_collection
+
+    from tasks import quote
+
+    rows = [{"id": "a", "label": 0}, {"id": "b", "label": 1}]
+    shipped = cloudpickle.loads(cloudpickle.dumps({"rows": quote(rows), "index": 3}))
+    resolved = visit_collection(shipped, visit_fn=lambda expr: expr, return_data=True, remove_annotations=True)
+    assert resolved == {"rows": rows, "index": 3}
+
+
 def test_dask_runner_runs_shards_in_worker_processes(run_config, tmp_path):
     run(run_config, "runner.kind=dask", "runner.n_workers=2", until="ingest")
     ingest_dir = next((tmp_path / "run" / "ingest").iterdir())
