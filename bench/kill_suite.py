@@ -64,10 +64,11 @@ def stage_at_kill(log: Path) -> str:
 
 def alive_in_group(pgid: int) -> list[str]:
     """Processes of the killed group still running (zombies, dead and waiting to be reaped, are not counted), and
-    any Prefect server left running."""
-    out = subprocess.run(["ps", "-eo", "pid,pgid,stat,args"], capture_output=True, text=True).stdout.splitlines()[1:]
-    return [line.strip() for line in out if not line.split()[2].startswith("Z")
-            and (line.split()[1] == str(pgid) or "prefect.server" in line)]
+    any Prefect server orphaned (its parent gone: a server of another program running on the machine, a test
+    session say, is not a leftover)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    return [line.strip() for line in out if not line.split()[3].startswith("Z")
+            and (line.split()[2] == str(pgid) or ("prefect.server" in line and line.split()[1] == "1"))]
 
 
 def demo_sets(workdir: Path, extra: tuple[str, ...] = ()) -> list[str]:

@@ -1,6 +1,7 @@
 """The benchmark suite: ASPIRE and its controls on every draw of ``configs/suite/``.
 
 Usage: .venv/bin/python bench/suite.py [--root DIR] [--draws d01_demo,n01_no_correlation] [--seeds 0,1,2]
+       [--ceiling | --ceiling-only]
 
 Each draw is ``configs/demo.yaml`` (the demo's settings, untouched) with the draw's ``synth`` section. Per draw
 and seed (``generate.seed`` and ``retrain.seed``) three arms are compared on the test split:
@@ -9,6 +10,12 @@ and seed (``generate.seed`` and ``retrain.seed``) three arms are compared on the
 - (b) augmentation without discovery: the same generator and the same number of images, imitating the class's
   held-out originals instead of its kept edits (``generate.learn_from=held-out``: it avoids nothing);
 - (c) ASPIRE: the generator imitates the kept edits of the class's spurious groups.
+
+With ``--ceiling``, also what this classifier reaches when the data has no shortcut at all: ERM (the classifier
+stage, same settings) on the draw redrawn with every training group balanced as the test split is (background
+uniform, the class's object in half of the images, no other class's object) and twice the training images, as
+many as (c) trains on (originals + 1x generated). A draw whose ceiling stays low is one where the classifier and
+its training budget, not discovery, bound what any augmentation can show.
 
 (b) and (c) share every stage up to ``generate`` through the stage cache, and a rerun of the suite resumes from
 what is committed (``<root>/<draw>/``). Results go to ``<root>/suite.json`` and a markdown table to
@@ -50,6 +57,22 @@ def draw_config(draw: Path, root: Path) -> Path:
     return path
 
 
+def balanced_config(config_path: Path) -> Path:
+    """The draw's config redrawn without a shortcut (see the module doc), in its own workdir beside the draw's."""
+    config = yaml.safe_load(config_path.read_text())
+    synth = load_config(config_path).synth
+    workdir = config_path.parent.with_name(config_path.parent.name + "-balanced")
+    config["synth"] = {**config["synth"], "background_strength": 1 / len(synth.backgrounds), "object_strength": 0.5,
+                       "other_object_rate": 0.0, "train_per_class": 2 * synth.train_per_class}
+    config.update(workdir=str(workdir))
+    config["dataset"]["root"] = str(workdir / "benchmark")
+    config["background"]["bank"] = str(workdir / "benchmark" / "backgrounds")
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def summarise(report: dict, seconds: float, synth: SynthConfig) -> dict:
     """What the table shows of one run."""
     planted = report.get("planted_found") or {}  # among the claimed features
@@ -73,7 +96,7 @@ def summarise(report: dict, seconds: float, synth: SynthConfig) -> dict:
 
 
 def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, list[str]] = ARMS,
-              results_name: str = "suite.json") -> dict:
+              results_name: str = "suite.json", ceiling: bool = False) -> dict:
     """Every (draw, seed, arm) not yet in ``root/results_name``, each saved there as soon as it is done."""
     from flows.aspire import aspire_flow
 
@@ -93,6 +116,14 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
                 results[key] = summarise(report, time.perf_counter() - start, synth)
                 results_file.write_text(json.dumps(results, indent=1))
                 print(key, json.dumps(results[key]["after"]), results[key]["generated"], flush=True)
+        key = f"{draw.stem}/ceiling"
+        if ceiling and key not in results:
+            start = time.perf_counter()
+            report = aspire_flow(config_path=str(balanced_config(config_path)), until="holdout")
+            results[key] = {**{k: report["before"][k] for k in ("avg_acc", "worst_group_acc")},
+                            "minutes": round((time.perf_counter() - start) / 60, 2)}
+            results_file.write_text(json.dumps(results, indent=1))
+            print(key, json.dumps(results[key]), flush=True)
     return results
 
 
@@ -109,7 +140,8 @@ def _mean_std(values: list[float]) -> str:
 def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
     """Markdown: per draw, planted features found, worst-group / average test accuracy of (a), (b), (c)."""
     lines = ["| draw | planted in top-3 | planted claimed | features claimed | edits kept | worst group (a) none / (b) no discovery / (c) ASPIRE "
-             "| average (a) / (b) / (c) | groups > 5 pts worse (c) | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+             "| average (a) / (b) / (c) | groups > 5 pts worse (c) | ceiling: balanced data, worst / average | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for draw in draws:
         runs = {arm: [results[f"{draw.stem}/{arm}/{s}"] for s in seeds if f"{draw.stem}/{arm}/{s}" in results] for arm in ARMS}
         if not runs["aspire"] or not runs["no-discovery"]:
@@ -124,9 +156,21 @@ def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
                           _mean_std([r["after"]["avg_acc"] for r in c])])
         worse = sorted({g for r in c for g in (r["worse_groups"] or {})})
         minutes = round(sum(r["minutes"] for r in c + b), 1)
+        bound = results.get(f"{draw.stem}/ceiling")
+        bound = f"{_pct(bound['worst_group_acc'])} / {_pct(bound['avg_acc'])}" if bound else "not run"
         lines.append(f"| {draw.stem} | {first['planted_in_top_k']}/{first['planted_total']} "
                      f"| {first['planted_found']}/{first['planted_total']} | {claimed} | {first['edits_kept']} "
-                     f"| {worst} | {avg} | {', '.join(worse).replace('|', '/') or 'none'} | {minutes} |")
+                     f"| {worst} | {avg} | {', '.join(worse).replace('|', '/') or 'none'} | {bound} | {minutes} |")
+    return "\n".join(lines) + "\n"
+
+
+def ceiling_table(results: dict, draws: list[Path]) -> str:
+    """Markdown: per draw, the balanced-data ERM run of ``--ceiling``."""
+    lines = ["| draw | ceiling worst group | ceiling average | minutes |", "|---|---|---|---|"]
+    for draw in draws:
+        bound = results.get(f"{draw.stem}/ceiling")
+        if bound:
+            lines.append(f"| {draw.stem} | {_pct(bound['worst_group_acc'])} | {_pct(bound['avg_acc'])} | {bound['minutes']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -135,6 +179,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=REPO / "data" / "runs" / "suite")
     parser.add_argument("--draws", default="", help="comma-separated draw names (default: every file of configs/suite)")
     parser.add_argument("--seeds", default="0", help="comma-separated generate / retrain seeds")
+    parser.add_argument("--ceiling", action="store_true", help="also ERM on the draw without a shortcut (the bound)")
+    parser.add_argument("--ceiling-only", action="store_true", help="only the ceiling runs, no arm")
     args = parser.parse_args()
     draws = sorted(SUITE.glob("*.yaml"))
     if args.draws:
@@ -143,8 +189,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     args.root.mkdir(parents=True, exist_ok=True)
     prefect_defaults()
-    results = run_suite(draws, seeds, args.root.resolve())
-    text = table(results, draws, seeds)
+    arms = {} if args.ceiling_only else ARMS
+    results = run_suite(draws, seeds, args.root.resolve(), arms, ceiling=args.ceiling or args.ceiling_only)
+    text = ceiling_table(results, draws) if args.ceiling_only else table(results, draws, seeds)
     (args.root / "suite.md").write_text(text)
     print(text)
 
