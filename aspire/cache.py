@@ -53,9 +53,16 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, sweep: bool = False) -> None:
     """Write ``text`` beside ``path`` and rename it into place: a reader or a second writer sees the old file or
-    the new one, never half of one; on failure (a full disk) the old file stays and no temporary file is left."""
+    the new one, never half of one; on failure (a full disk) the old file stays and no temporary file is left.
+
+    A process killed between the write and the rename leaves its temporary file behind. ``sweep=True`` removes
+    such files first; pass it only while holding a lock every writer of ``path`` holds (then any temporary file
+    there belongs to a dead writer)."""
+    if sweep:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.write_text(text, encoding="utf-8", newline="")
@@ -66,7 +73,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    write_text_atomic(path, json.dumps(value, indent=1, default=str))
+    """Markers: always written under their part's or stage's lock, so stale temporary files are swept."""
+    write_text_atomic(path, json.dumps(value, indent=1, default=str), sweep=True)
 
 
 @contextlib.contextmanager
@@ -276,6 +284,8 @@ class StageStore:
         # under the stage's lock, rows first (written beside, then renamed): a second run committing the same
         # stage, or a reader, never sees a half-written rows file under a valid marker
         with self._locked("stage"):
+            for stale in self.root.glob(f".{ROWS}.tmp-*"):  # left by a run killed here
+                stale.unlink(missing_ok=True)
             tmp = self.root / f".{ROWS}.tmp-{uuid.uuid4().hex[:8]}"
             try:
                 write_jsonl(rows, tmp)

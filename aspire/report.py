@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from aspire.cache import write_text_atomic
+from aspire.cache import file_lock, write_text_atomic
 from aspire.manifest import Row
 
 STAGE_FIELDS = ("status", "seconds", "cached", "rows_in", "rows_out", "failures")
@@ -296,10 +296,12 @@ def write_report(workdir: Path, summaries: dict[str, dict[str, Any]], edit_rows:
     writer = csv.DictWriter(quarantine, fieldnames=["image_id", "path", "stage", "reason"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(report["quarantine"])
-    # a second run or a reader never sees half a report
-    write_text_atomic(workdir / "report.json", json.dumps(report, indent=1))
-    write_text_atomic(workdir / "quarantine.csv", quarantine.getvalue())
-    write_text_atomic(workdir / "report.md", render_markdown(report, figure_files(workdir)))
+    # a second run or a reader never sees half a report; under the lock, a temporary file left by a run killed
+    # while writing is removed
+    with file_lock(workdir / ".report.lock"):
+        write_text_atomic(workdir / "report.json", json.dumps(report, indent=1), sweep=True)
+        write_text_atomic(workdir / "quarantine.csv", quarantine.getvalue(), sweep=True)
+        write_text_atomic(workdir / "report.md", render_markdown(report, figure_files(workdir)), sweep=True)
     return report
 
 

@@ -172,6 +172,20 @@ def test_stale_temporary_folders_are_cleaned(tmp_path):
     assert not (store.root / ".shard-00000.tmp-dead").exists()
 
 
+def test_temporary_files_of_a_run_killed_mid_commit_are_swept_by_the_next_commit(tmp_path):
+    """A kill between writing a rows file or marker and renaming it leaves ``.<name>.tmp-*``; the next commit of
+    the stage, under the same lock, removes it (found by bench/kill_suite.py --targets)."""
+    store = StageStore(tmp_path, "stage", "k1")
+    store.ensure_shard(0, ROWS[:3], Counter())
+    store.root.mkdir(parents=True, exist_ok=True)
+    dead = [store.root / ".rows.jsonl.tmp-dead", store.root / ".DONE.json.tmp-dead"]
+    for path in dead:
+        path.write_text("half")
+    store.commit_stage(ROWS[:3], {}, [store.part_ref("shard-00000")])
+    assert [p for p in dead if p.exists()] == []
+    assert store.stage_marker()["rows"] == 3
+
+
 def test_marker_that_is_not_a_dict_counts_as_missing(tmp_path):
     store = StageStore(tmp_path, "stage", "k1")
     store.ensure_shard(0, ROWS[:3], Counter())

@@ -1,5 +1,7 @@
 """The run report: groups that got worse after augmentation, and classes with no spurious feature claimed."""
 
+import json
+
 from aspire.report import build_report, render_markdown, worse_groups
 
 
@@ -91,6 +93,18 @@ def test_figures_come_as_png_svg_pdf_and_the_grid_says_what_was_edited(tmp_path)
     svg = (tmp_path / "run" / "accuracy.svg").read_text()
     assert "worst before: 0%" in svg  # the worst group is marked on the chart
     assert report["no_spurious_found"] == ["fox"]
+
+
+def test_a_report_left_half_written_by_a_killed_run_is_swept_when_the_report_is_written_again(tmp_path):
+    from aspire.report import write_report
+
+    summaries = {"holdout": {"before": {"test": evaluation({"cat/grass": 1.0, "fox/grass": 0.0})}}}
+    (tmp_path / "run").mkdir()
+    dead = tmp_path / "run" / ".report.json.tmp-dead"
+    dead.write_text('{"half')
+    write_report(tmp_path / "run", summaries)
+    assert not dead.exists() and not list((tmp_path / "run").glob("*.tmp-*"))
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["before"]["worst_group_acc"] == 0.0
 
 
 def test_robust_table_says_where_each_method_puts_the_generated_images():
