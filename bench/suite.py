@@ -47,7 +47,11 @@ def draw_config(draw: Path, root: Path) -> Path:
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     for section, values in (yaml.safe_load(draw.read_text()) or {}).items():
         config[section] = {**config.get(section, {}), **values}
-    workdir = root / draw.stem
+    return write_config(config, root / draw.stem)
+
+
+def write_config(config: dict, workdir: Path) -> Path:
+    """``config`` with its workdir, benchmark and background bank under ``workdir``, saved there; returns its file."""
     config.update(workdir=str(workdir))
     config["dataset"]["root"] = str(workdir / "benchmark")
     config["background"]["bank"] = str(workdir / "benchmark" / "backgrounds")
@@ -61,16 +65,9 @@ def balanced_config(config_path: Path) -> Path:
     """The draw's config redrawn without a shortcut (see the module doc), in its own workdir beside the draw's."""
     config = yaml.safe_load(config_path.read_text())
     synth = load_config(config_path).synth
-    workdir = config_path.parent.with_name(config_path.parent.name + "-balanced")
     config["synth"] = {**config["synth"], "background_strength": 1 / len(synth.backgrounds), "object_strength": 0.5,
                        "other_object_rate": 0.0, "train_per_class": 2 * synth.train_per_class}
-    config.update(workdir=str(workdir))
-    config["dataset"]["root"] = str(workdir / "benchmark")
-    config["background"]["bank"] = str(workdir / "benchmark" / "backgrounds")
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_config(config, config_path.parent.with_name(config_path.parent.name + "-balanced"))
 
 
 def summarise(report: dict, seconds: float, synth: SynthConfig) -> dict:
