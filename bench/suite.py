@@ -1,7 +1,7 @@
 """The benchmark suite: ASPIRE and its controls on every draw of ``configs/suite/``.
 
 Usage: .venv/bin/python bench/suite.py [--root DIR] [--draws d01_demo,n01_no_correlation] [--seeds 0,1,2]
-       [--ceiling | --ceiling-only]
+       [--ceiling | --ceiling-only] [--set classifier.epochs=18 ...]
 
 Each draw is ``configs/demo.yaml`` (the demo's settings, untouched) with the draw's ``synth`` section. Per draw
 and seed (``generate.seed`` and ``retrain.seed``) three arms are compared on the test split:
@@ -93,7 +93,7 @@ def summarise(report: dict, seconds: float, synth: SynthConfig) -> dict:
 
 
 def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, list[str]] = ARMS,
-              results_name: str = "suite.json", ceiling: bool = False) -> dict:
+              results_name: str = "suite.json", ceiling: bool = False, sets: tuple[str, ...] = ()) -> dict:
     """Every (draw, seed, arm) not yet in ``root/results_name``, each saved there as soon as it is done."""
     from flows.aspire import aspire_flow
 
@@ -108,7 +108,7 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
                     continue
                 start = time.perf_counter()
                 report = aspire_flow(config_path=str(config_path),
-                                     overrides=[*overrides, f"generate.seed={seed}", f"retrain.seed={seed}"])
+                                     overrides=[*sets, *overrides, f"generate.seed={seed}", f"retrain.seed={seed}"])
                 synth = load_config(config_path).synth
                 results[key] = summarise(report, time.perf_counter() - start, synth)
                 results_file.write_text(json.dumps(results, indent=1))
@@ -116,7 +116,7 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
         key = f"{draw.stem}/ceiling"
         if ceiling and key not in results:
             start = time.perf_counter()
-            report = aspire_flow(config_path=str(balanced_config(config_path)), until="holdout")
+            report = aspire_flow(config_path=str(balanced_config(config_path)), overrides=list(sets), until="holdout")
             results[key] = {**{k: report["before"][k] for k in ("avg_acc", "worst_group_acc")},
                             "minutes": round((time.perf_counter() - start) / 60, 2)}
             results_file.write_text(json.dumps(results, indent=1))
@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated generate / retrain seeds")
     parser.add_argument("--ceiling", action="store_true", help="also ERM on the draw without a shortcut (the bound)")
     parser.add_argument("--ceiling-only", action="store_true", help="only the ceiling runs, no arm")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (e.g. classifier.epochs=18; use its own --root)")
     args = parser.parse_args()
     draws = sorted(SUITE.glob("*.yaml"))
     if args.draws:
@@ -187,7 +189,8 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     prefect_defaults()
     arms = {} if args.ceiling_only else ARMS
-    results = run_suite(draws, seeds, args.root.resolve(), arms, ceiling=args.ceiling or args.ceiling_only)
+    results = run_suite(draws, seeds, args.root.resolve(), arms, ceiling=args.ceiling or args.ceiling_only,
+                        sets=tuple(args.set))
     text = ceiling_table(results, draws) if args.ceiling_only else table(results, draws, seeds)
     (args.root / "suite.md").write_text(text)
     print(text)
