@@ -61,8 +61,7 @@ def write_text_atomic(path: Path, text: str, sweep: bool = False) -> None:
     such files first; pass it only while holding a lock every writer of ``path`` holds (then any temporary file
     there belongs to a dead writer)."""
     if sweep:
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.write_text(text, encoding="utf-8", newline="")
@@ -70,6 +69,13 @@ def write_text_atomic(path: Path, text: str, sweep: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files ``.<name>.tmp-*`` that writers of ``path`` killed before their rename left.
+    Call it only while holding a lock every writer of ``path`` holds."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        stale.unlink(missing_ok=True)
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
@@ -284,8 +290,7 @@ class StageStore:
         # under the stage's lock, rows first (written beside, then renamed): a second run committing the same
         # stage, or a reader, never sees a half-written rows file under a valid marker
         with self._locked("stage"):
-            for stale in self.root.glob(f".{ROWS}.tmp-*"):  # left by a run killed here
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(self.root / ROWS)  # left by a run killed here
             tmp = self.root / f".{ROWS}.tmp-{uuid.uuid4().hex[:8]}"
             try:
                 write_jsonl(rows, tmp)
