@@ -194,14 +194,15 @@ def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], sto
     spurious = {c: [g["phrases"] for g in collapse_summary["top_k"][c]] for c in collapse_summary["spurious"]}
     tokens = {c: t[:2] for c, t in _summary_of(stores, "personalize")["tokens"].items()}
     if config.generate.backend == "edits":  # Table 2's ablation: the kept edits themselves, nothing generated
-        made = generate.edits_as_augmentations(rows)
+        made = generate.edits_as_augmentations(rows, config.personalize.min_images)
         summary = {"rows_in": len(rows), "failures": 0, "generated": len(made), "planned": counts,
                    "from_edits": dict(Counter(r["class_name"] for r in made))}
         return rows + made, summary, []
     exemplars, skipped = {}, {}
     if config.generate.backend == "composite":  # a class with nothing to imitate gets no images, and says why
-        exemplars = generate.generator_exemplars(rows, config.generate.learn_from)
-        skipped = {c: "no spurious feature found: no kept edits to learn from" for c in counts if c not in exemplars}
+        exemplars = generate.generator_exemplars(rows, config.generate.learn_from, config.personalize.min_images)
+        skipped = {c: "nothing to learn from: " + collapse.training_edits(rows, c, config.personalize.min_images)[2]
+                   for c in counts if c not in exemplars}
         jobs = [j for j in jobs if j["class_name"] in exemplars]
     devices = [config.generate.device] if config.generate.backend == "textual-inversion" else []
     made, quarantine, info = run_shards(runner, store, jobs, on_gpu(generate.generate_shard_task, *devices),

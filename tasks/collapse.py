@@ -105,3 +105,37 @@ def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) ->
                        f"name it >= {config.min_lift:g}x as often as the other classes' do",
                "top_k": table, "flipped": flipped}
     return out, summary
+
+
+def training_edits(rows: list[Row], class_name: str, min_images: int) -> tuple[list[Row], str, str]:
+    """The kept edits a class's generator learns from: one rule for textual inversion (``personalize``) and its CPU
+    stand-in (the composite generator), so that both give images to the same classes.
+
+    1. ``top-k``: the class's kept edits in one of its spurious top-k groups (``spurious_group`` set), when there
+       are at least ``min_images``;
+    2. ``all-kept``: otherwise all its kept edits, when there are at least ``min_images`` (a class whose features
+       are redundant, each enough for the prediction alone, flips few single edits and may claim nothing; leaving
+       it out of the augmentation while the other classes are shown on every background would teach the
+       retrained model that those backgrounds mean "not this class");
+    3. ``none``: otherwise none, with the reason ``"only N kept edits (< min_images)"``.
+
+    Returns:
+        (edit rows in manifest order, one per edited file; the rule; a reason for the summary).
+
+    Raises:
+        ValueError: ``min_images`` below 1.
+    """
+    if min_images < 1:
+        raise ValueError(f"personalize.min_images={min_images}: expected at least 1")
+    kept, seen = [], set()
+    for r in rows:
+        if r.get("class_name") == class_name and r.get("kept") and r.get("path") and is_edit(r) and r["path"] not in seen:
+            seen.add(r["path"])
+            kept.append(r)
+    top = [r for r in kept if r.get("spurious_group") is not None]
+    if len(top) >= min_images:
+        return top, "top-k", f"{len(top)} kept edits of the top-k groups"
+    if len(kept) >= min_images:
+        return kept, "all-kept", (f"only {len(top)} kept edits of the top-k groups (< min_images); all "
+                                  f"{len(kept)} kept edits of the class")
+    return [], "none", f"only {len(kept)} kept edits (< min_images)"

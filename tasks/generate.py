@@ -37,7 +37,7 @@ from tasks import retry_if_transient
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
-VERSION = 4
+VERSION = 5
 
 
 MINORITY_FRACTION = 0.5
@@ -82,34 +82,43 @@ def plan_jobs(counts: dict[str, int], labels: dict[str, int], seed: int) -> list
              "seed": int(digest([seed, name, i]), 16) % (2**31)} for name in sorted(counts) for i in range(counts[name])]
 
 
-def generator_exemplars(rows: list[Row], learn_from: str, limit: int | None = 64) -> dict[str, list[Row]]:
+def generator_exemplars(rows: list[Row], learn_from: str, min_images: int = 3, limit: int | None = 64
+                        ) -> dict[str, list[Row]]:
     """Per class, the images the composite generator imitates, as textual inversion would learn from them.
 
-    ``kept-edits`` (ASPIRE): the prediction-flipping edits of the class's top-k spurious groups, each as its source
-    row with the edited ``path`` (its boxes still locate the objects an edit did not remove). ``held-out`` (a
-    control without discovery): the class's held-out originals. At most ``limit`` per class, chosen by a digest of
-    the image id so the choice does not depend on row order."""
+    ``kept-edits`` (ASPIRE): the edits that textual inversion trains on (:func:`tasks.collapse.training_edits`:
+    the kept edits of the class's spurious top-k groups, else all its kept edits, at least ``min_images``), each
+    as its source row with the edited ``path`` (its boxes still locate the objects an edit did not remove) and
+    ``learn_group``, the exemplar group drawn uniformly (the spurious group, else the edited phrase).
+    ``held-out`` (a control without discovery): the class's held-out originals. At most ``limit`` per class,
+    chosen by a digest of the image id so the choice does not depend on row order."""
+    from tasks.collapse import training_edits
+
     originals = {r["image_id"]: r for r in rows if not is_edit(r) and r.get("source") != "generated"}
     out: dict[str, list[Row]] = {}
-    for row in rows:
-        if learn_from == "held-out" and row["image_id"] in originals:
-            out.setdefault(row["class_name"], []).append({**row, "spurious_group": 0})
-        elif learn_from == "kept-edits" and is_edit(row) and row.get("kept") and row.get("spurious_group") is not None:
-            source = originals.get(row.get("source_image_id"))
-            if source is not None:
-                out.setdefault(row["class_name"], []).append(
-                    {**source, "image_id": row["image_id"], "path": row["path"], "spurious_group": row["spurious_group"],
-                     "edit": row["source"]})
+    if learn_from == "held-out":
+        for row in originals.values():
+            out.setdefault(row["class_name"], []).append({**row, "learn_group": "held-out"})
+    else:
+        for name in sorted({r["class_name"] for r in rows if is_edit(r)}):
+            for edit in training_edits(rows, name, min_images)[0]:
+                source = originals.get(edit.get("source_image_id"))
+                group = edit.get("spurious_group")
+                if source is not None:
+                    out.setdefault(name, []).append(
+                        {**source, "image_id": edit["image_id"], "path": edit["path"], "spurious_group": group,
+                         "learn_group": f"top-k {group}" if group is not None else f"phrase {edit.get('phrase')}",
+                         "edit": edit["source"]})
     return {name: sorted(found, key=lambda r: digest(r["image_id"]))[:limit] for name, found in sorted(out.items())}
 
 
-def edits_as_augmentations(rows: list[Row]) -> list[Row]:
-    """Every kept edit of a class's top-k spurious groups as a training row of its class (``source="generated"``,
-    ``generator="edits"``): the augmentation of ASPIRE Table 2's ablation "training on the edits" instead of on
-    images generated from them. The edited file is used as it is."""
-    found = generator_exemplars(rows, "kept-edits", limit=None)
-    return [{**{k: v for k, v in e.items() if k not in ("spurious_group", "edit", "holdout", "pred", "pred_conf",
-                                                      "correct")},
+def edits_as_augmentations(rows: list[Row], min_images: int = 3) -> list[Row]:
+    """Every kept edit a class's generator would learn from (:func:`generator_exemplars`) as a training row of its
+    class (``source="generated"``, ``generator="edits"``): the augmentation of ASPIRE Table 2's ablation "training
+    on the edits" instead of on images generated from them. The edited file is used as it is."""
+    found = generator_exemplars(rows, "kept-edits", min_images, limit=None)
+    dropped = ("spurious_group", "learn_group", "edit", "holdout", "pred", "pred_conf", "correct")
+    return [{**{k: v for k, v in e.items() if k not in dropped},
              "image_id": f"gen::{e['class_name']}::{e['image_id']}", "source": "generated", "generator": "edits",
              "seed": -1, "group": None, "spurious_avoided": []} for name in found for e in found[name]]
 
@@ -164,7 +173,8 @@ class CompositeGenerator:
                              f"background images), got {str(bank)!r}")
 
     def learn(self, exemplars: list[Row], class_name: str, spurious: list[list[str]]) -> list[dict]:
-        """Per usable exemplar: ``scene`` (RGB), ``layer`` (RGBA crop of the kept foreground) and ``group``."""
+        """Per usable exemplar: ``scene`` (RGB), ``layer`` (RGBA crop of the kept foreground) and ``group`` (its
+        ``learn_group``: generation draws the groups uniformly)."""
         core = class_name.replace("_", " ")
         avoid = sorted({normalize_phrase(p) for group in spurious for p in group})
         learned = []
@@ -187,7 +197,7 @@ class CompositeGenerator:
             if layers[0] is None:
                 continue
             learned.append({"scene": scene, "core": layers[0], "layer": layers[1],
-                            "group": int(row.get("spurious_group") or 0),
+                            "group": row["learn_group"],
                             "scene_varies": row.get("edit") == "edit-background"})
         return learned
 

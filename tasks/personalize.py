@@ -7,12 +7,9 @@ token in the embedding layer". :func:`train_textual_inversion` does this in proc
 VAE, UNet and the rest of the text encoder frozen, AdamW on the token embedding with every other row restored
 after each optimiser step, the noise-prediction MSE loss, and prompts from ``prompts/textual_inversion_templates.txt``.
 
-Training images (:func:`select_training_images`), per class:
-
-1. ``top-k``: its kept edits in one of its top-k spurious groups (``kept`` true, ``source`` ``edit-*``,
-   ``spurious_group`` not None; the row's ``path`` is the edited image), when there are at least ``min_images``;
-2. ``all-kept``: otherwise all its kept edits, when there are at least ``min_images``;
-3. ``none``: otherwise none, and the class is skipped with the reason ``"only N kept edits (< min_images)"``.
+Training images (:func:`select_training_images`), per class, by the rule the composite generator follows too
+(:func:`tasks.collapse.training_edits`): the kept edits of its spurious top-k groups; fewer than ``min_images``:
+all its kept edits; still fewer: none, and the class is skipped with the reason.
 
 Determinism and resuming: every random draw of optimiser step ``s`` (data order, flips, templates, latent sample,
 noise, timesteps) comes from generators seeded by ``(seed, s)``, so no RNG state has to be carried between
@@ -157,7 +154,7 @@ def check_initializers(class_names: list[str], config: PersonalizeConfig, tokeni
 
 
 def select_training_images(rows: list[Row], class_name: str, min_images: int) -> tuple[list[Path], str, str]:
-    """The class's training images and which rule chose them (see the module docstring).
+    """The class's training images (the edited files) and which rule chose them: :func:`tasks.collapse.training_edits`.
 
     Returns:
         (paths in manifest order, ``"top-k"`` | ``"all-kept"`` | ``"none"``, a reason for the summary).
@@ -165,18 +162,10 @@ def select_training_images(rows: list[Row], class_name: str, min_images: int) ->
     Raises:
         ValueError: ``min_images`` below 1.
     """
-    if min_images < 1:
-        raise ValueError(f"personalize.min_images={min_images}: expected at least 1")
-    kept = [r for r in rows if r.get("class_name") == class_name and r.get("kept") and r.get("path")
-            and str(r.get("source") or "").startswith("edit-")]
-    top = list(dict.fromkeys(Path(r["path"]) for r in kept if r.get("spurious_group") is not None))
-    every = list(dict.fromkeys(Path(r["path"]) for r in kept))
-    if len(top) >= min_images:
-        return top, "top-k", f"{len(top)} kept edits of the top-k groups"
-    if len(every) >= min_images:
-        return every, "all-kept", (f"only {len(top)} kept edits of the top-k groups (< min_images); all "
-                                   f"{len(every)} kept edits of the class")
-    return [], "none", f"only {len(every)} kept edits (< min_images)"
+    from tasks.collapse import training_edits
+
+    edits, rule, reason = training_edits(rows, class_name, min_images)
+    return [Path(r["path"]) for r in edits], rule, reason
 
 
 def _pixels(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ def generate(tmp_path: Path, learn_from: str, n: int = 40, prior: float = 0.0, c
     jobs = plan_jobs({"a": n}, {"a": 0}, seed=0)
     out = tmp_path / f"{learn_from}-{prior}-{carry}"
     out.mkdir()
-    result = run_generate_composite(jobs, generator, generator_exemplars(rows, learn_from), {"a": [["ball"], ["blue"]]}, out)
+    result = run_generate_composite(jobs, generator, generator_exemplars(rows, learn_from, min_images=1), {"a": [["ball"], ["blue"]]}, out)
     assert len(result.rows) == n and not result.quarantine
     return [np.asarray(Image.open(r["path"])).astype(int) for r in result.rows]
 
@@ -70,10 +70,10 @@ def fraction(pixels: np.ndarray, colour) -> float:
 
 def test_exemplars_are_the_kept_edits_of_spurious_groups_with_their_source_boxes(tmp_path):
     rows = manifest(tmp_path)
-    kept = generator_exemplars(rows, "kept-edits")["a"]
+    kept = generator_exemplars(rows, "kept-edits", min_images=1)["a"]
     assert sorted(r["image_id"] for r in kept) == ["o::background::0", "o::remove::0"]
     assert all(r["boxes"] == BOXES and r["path"] != rows[0]["path"] for r in kept)
-    assert {r["spurious_group"] for r in kept} == {0, 1}
+    assert {r["spurious_group"] for r in kept} == {0, 1} and {r["learn_group"] for r in kept} == {"top-k 0", "top-k 1"}
     held_out = generator_exemplars(rows, "held-out")["a"]
     assert [r["image_id"] for r in held_out] == ["o"]
 
@@ -131,7 +131,26 @@ def test_the_edits_ablation_adds_the_kept_spurious_edits_themselves():
               "split": "train", "source": "edit-remove", "kept": kept, "spurious_group": group}
              for kept, group in ((True, 0), (False, 0), (True, None))]
     edits[1]["image_id"], edits[2]["image_id"] = "o1::rm::x", "o1::rm::y"
-    made = edits_as_augmentations([original, *edits])
+    edits[1]["path"], edits[2]["path"] = "/e2.png", "/e3.png"
+    made = edits_as_augmentations([original, *edits], min_images=1)
     assert [(r["image_id"], r["path"], r["source"], r["generator"], r["label"]) for r in made] == [
         ("gen::cat::o1::rm::ball", "/e1.png", "generated", "edits", 1)]
     assert "pred" not in made[0] and made[0]["group"] is None
+    # fewer top-k edits than min_images: all kept edits, as textual inversion would train on
+    assert [r["path"] for r in edits_as_augmentations([original, *edits], min_images=2)] == ["/e1.png", "/e3.png"]
+
+
+def test_a_class_that_claims_nothing_still_learns_from_its_kept_edits_as_textual_inversion_would(tmp_path):
+    """A class whose features are redundant flips few single edits and may claim no feature; leaving it out of the
+    augmentation while every other class gets images on every background makes those backgrounds mean "not this
+    class". The composite generator takes the images personalize trains on: all of the class's kept edits, drawn
+    uniformly over the edited phrases; with fewer than min_images kept edits the class gets none."""
+    from tasks.personalize import select_training_images
+
+    rows = [{**r, "spurious_group": None} if r.get("source", "").startswith("edit-") else r for r in manifest(tmp_path)]
+    exemplars = generator_exemplars(rows, "kept-edits", min_images=2)["a"]
+    assert sorted(r["image_id"] for r in exemplars) == ["o::background::0", "o::remove::0"]
+    assert {r["learn_group"] for r in exemplars} == {"phrase remove", "phrase background"}
+    paths, rule, _ = select_training_images(rows, "a", 2)
+    assert rule == "all-kept" and sorted(map(str, paths)) == sorted(r["path"] for r in exemplars)
+    assert generator_exemplars(rows, "kept-edits", min_images=3) == {}
