@@ -1,7 +1,7 @@
 """The benchmark suite: ASPIRE and its controls on every draw of ``configs/suite/``.
 
 Usage: .venv/bin/python bench/suite.py [--root DIR] [--draws d01_demo,n01_no_correlation] [--seeds 0,1,2]
-       [--ceiling | --ceiling-only] [--set classifier.epochs=18 ...]
+       [--ceiling | --ceiling-only] [--set classifier.epochs=18 ...] [--fresh N --fresh-seed S]
 
 Each draw is ``configs/demo.yaml`` (the demo's settings, untouched) with the draw's ``synth`` section. Per draw
 and seed (``generate.seed`` and ``retrain.seed``) three arms are compared on the test split:
@@ -17,6 +17,11 @@ uniform, the class's object in half of the images, no other class's object) and 
 many as (c) trains on (originals + 1x generated). A draw whose ceiling stays low is one where the classifier and
 its training budget, not discovery, bound what any augmentation can show.
 
+With ``--fresh N``, the suite runs N draws nobody has seen instead (:func:`fresh_draw`): made-up names for
+every class, object and background, checked against every word of the repository, 3-6 classes, random shapes,
+colours, textures, strengths (0.95, 0.9, 0.8), image size (64, 96) and train size, all from ``--fresh-seed``;
+their configs are written to ``<root>/fresh-<seed>/`` first, so they can be read before the results.
+
 (b) and (c) share every stage up to ``generate`` through the stage cache, and a rerun of the suite resumes from
 what is committed (``<root>/<draw>/``). Results go to ``<root>/suite.json`` and a markdown table to
 ``<root>/suite.md`` (pasted into BENCHMARKS.md).
@@ -25,21 +30,105 @@ what is committed (``<root>/<draw>/``). Results go to ``<root>/suite.json`` and 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import re
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from aspire.config import load_config
-from aspire.synth import SynthConfig, planted_found
+from aspire.synth import CORE_COLOR, SynthConfig, planted_found
 from flows.runtime import prefect_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "configs" / "suite"
 ARMS = {"aspire": [], "no-discovery": ["generate.learn_from=held-out"]}
+
+
+SHAPES = ["circle", "triangle", "square", "diamond", "star", "cross", "hexagon"]
+TEXTURES = ["noise", "hstripes", "vstripes", "waves", "dots", "checker"]
+PLACES = ["in the {}", "on a {}", "at the {}", "near a {}", "by the {}", "across a {}", "inside the {}", "over the {}"]
+
+
+def repository_words() -> set[str]:
+    """Every lower-case word of the repository's text files (code, configs, prompts, docs, test data)."""
+    words: set[str] = set()
+    for path in REPO.rglob("*"):
+        if path.is_file() and ".git" not in path.parts and ".venv" not in path.parts and path.suffix in (
+                ".py", ".yaml", ".yml", ".md", ".txt", ".json", ".jsonl", ".csv", ".toml"):
+            words |= set(re.findall(r"[a-z]+", path.read_text(errors="replace").lower()))
+    return words
+
+
+def made_up_words(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
+    """``count`` pronounceable words of 2-3 syllables, none in ``taken`` (which they join)."""
+    words: list[str] = []
+    while len(words) < count:
+        syllables = int(rng.integers(2, 4))
+        word = "".join(rng.choice(list("bdfgklmnprstvz")) + rng.choice(list("aeiou")) for _ in range(syllables))
+        word += rng.choice(["", "n", "r", "l", "k", "m"])
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+def fresh_draw(seed: int, taken: set[str]) -> dict:
+    """A draw's ``synth`` section that nobody has seen: 3-6 classes of one colour (shape tells them apart, as in
+    every suite draw), a planted object and background per class and one or two spare backgrounds, all named by
+    made-up words not in ``taken``; strength 0.95, 0.9 or 0.8, 64 or 96 px, 300-500 training images per class."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 7))
+    n_backgrounds = min(n + int(rng.integers(1, 3)), 8)
+    classes, objects, places, adjectives = (made_up_words(rng, k, taken) for k in (n, n, n_backgrounds, 3))
+    strength = float(rng.choice([0.95, 0.9, 0.8]))
+
+    def colour() -> list[int]:
+        return [int(c) for c in rng.integers(20, 240, size=3)]
+
+    def article(word: str) -> str:
+        return ("an " if word[0] in "aeiou" else "a ") + word
+
+    shapes = [str(s) for s in rng.permutation(SHAPES)[:n]]
+    backgrounds = []
+    for i, name in enumerate(places):
+        base = np.array(colour())
+        prepositions = rng.choice(PLACES, size=3, replace=False)
+        backgrounds.append({"name": name, "texture": TEXTURES[i % len(TEXTURES)],
+                            "colors": [[int(c) for c in base], [int(c) for c in np.clip(base + rng.integers(-50, 51, 3), 0, 255)]],
+                            "words": [p.format(name) for p in prepositions]})
+    return {
+        "seed": int(rng.integers(100, 10_000)), "image_size": int(rng.choice([64, 96])),
+        "train_per_class": int(rng.choice([300, 400, 500])),
+        "background_strength": strength, "object_strength": strength,
+        "classes": [{"name": name, "shape": shape, "color": list(CORE_COLOR),
+                     "words": [article(name), f"two {name}s", f"{article(adjectives[i % 3])} {name}"],
+                     "background": places[i], "object": objects[i]}
+                    for i, (name, shape) in enumerate(zip(classes, shapes))],
+        "objects": [{"name": name, "shape": str(rng.choice(SHAPES)), "color": colour(),
+                     "words": [article(name), f"{article(adjectives[(i + 1) % 3])} {name}", f"the {name}"]}
+                    for i, name in enumerate(objects)],
+        "backgrounds": backgrounds,
+    }
+
+
+def write_fresh_draws(count: int, seed: int, root: Path) -> list[Path]:
+    """``count`` fresh draws (see :func:`fresh_draw`) as draw files under ``root/fresh-<seed>/``."""
+    folder = root / f"fresh-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = repository_words()
+    paths = []
+    for i in range(count):
+        synth = fresh_draw(seed * 1000 + i, taken)
+        SynthConfig.model_validate(synth)  # a draw that does not validate is a bug here, not a result
+        path = folder / f"f{seed}_{i:02d}.yaml"
+        path.write_text(f"# fresh draw {i} of --fresh-seed {seed}: {len(synth['classes'])} classes, strength "
+                        f"{synth['background_strength']}, {synth['image_size']} px\n" + yaml.safe_dump({"synth": synth}, sort_keys=False))
+        paths.append(path)
+    return paths
 
 
 def draw_config(draw: Path, root: Path) -> Path:
@@ -180,13 +269,16 @@ def main() -> None:
     parser.add_argument("--ceiling-only", action="store_true", help="only the ceiling runs, no arm")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (e.g. classifier.epochs=18; use its own --root)")
+    parser.add_argument("--fresh", type=int, default=0, metavar="N",
+                        help="run N draws nobody has seen (made-up names, random settings) instead of configs/suite")
+    parser.add_argument("--fresh-seed", type=int, default=1, help="seed of the --fresh draws")
     args = parser.parse_args()
-    draws = sorted(SUITE.glob("*.yaml"))
+    args.root.mkdir(parents=True, exist_ok=True)
+    draws = write_fresh_draws(args.fresh, args.fresh_seed, args.root) if args.fresh else sorted(SUITE.glob("*.yaml"))
     if args.draws:
         wanted = args.draws.split(",")
         draws = [d for d in draws if d.stem in wanted]
     seeds = [int(s) for s in args.seeds.split(",")]
-    args.root.mkdir(parents=True, exist_ok=True)
     prefect_defaults()
     arms = {} if args.ceiling_only else ARMS
     results = run_suite(draws, seeds, args.root.resolve(), arms, ceiling=args.ceiling or args.ceiling_only,
