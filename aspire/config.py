@@ -295,11 +295,14 @@ class GenerateConfig(Section):
         "them): kept-edits, the prediction-flipping edits of the class's spurious groups (ASPIRE); held-out, the "
         "class's held-out originals, a control (augmentation without discovery: it avoids nothing).")
     context_prior: float = Field(
-        0.5, ge=0, le=1, description="composite: probability that a generated image's scene is a uniformly drawn "
-        "background.bank image (the generator's prior, the same for every class) instead of its exemplar's own scene.")
+        0.0, ge=0, le=1, description="composite: probability that a generated image's scene is a uniformly drawn "
+        "background.bank image instead of its exemplar's own scene (a changed-background exemplar always takes a bank "
+        "scene). 0: imitate the exemplars, as a token learned from them does; above 0, contexts vary whatever was "
+        "discovered (an ablation: at 0.5 the no-discovery control matched ASPIRE on the demo, BENCHMARKS.md).")
     carry_objects: float = Field(
-        0.5, ge=0, le=1, description="composite: probability that a generated image shows its exemplar's other "
-        "foreground objects (those not among the class's spurious phrases) beside the core object.")
+        1.0, ge=0, le=1, description="composite: probability that a generated image shows its exemplar's other "
+        "foreground objects (those not among the class's spurious phrases) beside the core object. 1: imitate the "
+        "exemplars; below 1, objects are dropped whatever was discovered (an ablation).")
     image_size: int | None = Field(None, ge=16, description="composite: output size (default: the size of the source images).")
     object_scale: tuple[float, float] = Field((0.8, 1.2), description="composite: the core object is rescaled by a factor in this range.")
     seed: int = Field(0, description="Seed; every generated image records its own seed.")

@@ -145,22 +145,22 @@ class CompositeGenerator:
 
     Textual inversion learns the class's concept from its training images (ASPIRE: the kept edits, whose
     spurious feature was removed or whose background was changed), and "a photo of <token>" draws what those
-    images show, in scenes from the model's prior. Here each exemplar is split, by the remove stage's grounder,
-    segmenter and inpainter, into
+    images share: a token learned from images that all show the class on snow beside a sled draws snow and sleds.
+    The variety of the generated contexts therefore comes from the edits, that is from what was discovered, not
+    from the generator. Here each exemplar is split, by the remove stage's grounder, segmenter and inpainter, into
 
-    - a *foreground layer*: the core object, and (with probability ``generate.carry_objects`` per image) the
-      exemplar's other foreground phrases minus the class's spurious ones (what was not found spurious may come
-      along, as a token learned from images that share an object tends to draw it);
+    - a *foreground layer*: the core object and the exemplar's other foreground phrases minus the class's spurious
+      ones (what was not found spurious comes along; ``generate.carry_objects`` below 1 drops it at random, an
+      ablation);
     - a *scene*: the exemplar with that foreground and the spurious phrases inpainted away.
 
     A generated image is one exemplar's foreground layer (drawn group-uniformly: each discovered feature equally
-    often), mirrored or not, rescaled, at a random place, on its own scene or, with probability
-    ``generate.context_prior``, on a uniformly drawn bank background: the prior, the same for every class, so
-    that no background is given to some classes and withheld from others. An exemplar of a background group
-    (a changed background) teaches that the background varies, so its scene comes from the prior whenever a bank
-    is configured (without one, at context_prior 0, it keeps its own scene): the
-    background an edit happened to flip on (often one the classifier ties to another class) is not copied into
-    the class's images, which would make that background a new shortcut against the other class. Nothing is
+    often), mirrored or not, rescaled, at a random place, on its own scene. An exemplar of a background group
+    (a changed background) teaches that the background varies, so its scene is a uniformly drawn bank background
+    whenever a bank is configured: the background an edit happened to flip on (often one the classifier ties to
+    another class) is not copied into the class's images, which would make that background a new shortcut against
+    the other class; the bank is the same for every class. ``generate.context_prior`` above 0 draws a bank scene
+    for any exemplar with that probability (an ablation: contexts then vary whatever was discovered). Nothing is
     forbidden (the class's usual background is one of the scenes) and a spurious object is never pasted."""
 
     def __init__(self, config: GenerateConfig, grounder: Grounder, segmenter: Segmenter, inpainter: Inpainter,

@@ -116,7 +116,7 @@ def test_a_prior_without_a_bank_is_an_error_naming_the_keys(tmp_path):
     import pytest
 
     with pytest.raises(ValueError, match="generate.context_prior=0.5 needs background.bank"):
-        CompositeGenerator(GenerateConfig(backend="composite"), AnnotationsGrounder(), BoxSegmenter(),
+        CompositeGenerator(GenerateConfig(backend="composite", context_prior=0.5), AnnotationsGrounder(), BoxSegmenter(),
                            OpenCVInpainter(REMOVE), 3, None)
 
 
