@@ -189,9 +189,9 @@ def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], sto
     labels = {r["class_name"]: r["label"] for r in dataset_rows}
     jobs = generate.plan_jobs(counts, labels, config.generate.seed)
     collapse_summary = _summary_of(stores, "collapse")
-    # a class with a spurious feature avoids every phrase of its top-k groups (ASPIRE's rule): a feature the
-    # classifier leans on alongside another flips few edits and may miss the claim's threshold
-    spurious = {c: [g["phrases"] for g in collapse_summary["top_k"][c]] for c in collapse_summary["spurious"]}
+    # every class avoids every phrase of its top-k groups (ASPIRE's rule), claimed by the report or not: a feature
+    # the classifier leans on alongside another flips few edits and may miss the claim's threshold
+    spurious = {c: [g["phrases"] for g in groups] for c, groups in collapse_summary["top_k"].items() if groups}
     tokens = {c: t[:2] for c, t in _summary_of(stores, "personalize")["tokens"].items()}
     if config.generate.backend == "edits":  # Table 2's ablation: the kept edits themselves, nothing generated
         made = generate.edits_as_augmentations(rows, config.personalize.min_images)

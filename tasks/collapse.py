@@ -12,7 +12,9 @@ classes' (what a classifier leans on without such a correlation, say an undertra
 every class is as often on snow, is the model's error, not a shortcut the data taught that augmentation fixes).
 Classes with no such group are listed in ``no_spurious_found``.
 
-Columns added: ``spurious_group`` (0..k-1 on kept edits of a confident top-k group, else None).
+Columns added: ``spurious_group`` (0.. on kept edits of a claimed top-k group, else None: what the report claims)
+and ``top_k_group`` (0..k-1 on kept edits of any top-k group, else None: what ASPIRE's generator learns from,
+Algorithm 1's D_synth^k, whether or not the report claims the group).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from aspire.phrases import DEFAULT_THRESHOLDS, Embedder, make_embedder, phrase_r
 from tasks.remove import is_edit
 
 STAGE = "collapse"
-VERSION = 3
+VERSION = 4
 
 
 def threshold_of(config: CollapseConfig) -> float:
@@ -77,7 +79,7 @@ def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) ->
     """Top-k groups per class from the kept edits; annotate the kept edits that belong to them.
 
     Returns:
-        (rows with ``spurious_group``, summary with ``spurious`` {class: [[phrases], ...]}, ``top_k`` (with
+        (rows with ``spurious_group`` and ``top_k_group``, summary with ``spurious`` {class: [[phrases], ...]}, ``top_k`` (with
         counts) and ``flipped`` (per phrase: edits made and kept)).
     """
     kept = [r for r in rows if is_edit(r) and r.get("kept") and r.get("phrase")]
@@ -94,8 +96,12 @@ def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) ->
                                   and group["lift"] >= config.min_lift)
     spurious = {c: [g["phrases"] for g in groups if g["confident"]] for c, groups in table.items()}
     group_of = {(c, p): i for c, groups in spurious.items() for i, g in enumerate(groups) for p in g}
-    out = [{**r, "spurious_group": group_of.get((r["class_name"], r.get("phrase"))) if is_edit(r) and r.get("kept")
-            else None} for r in rows]
+    top_of = {(c, p): i for c, groups in table.items() for i, g in enumerate(groups) for p in g["phrases"]}
+
+    def kept_in(groups: dict, row: Row) -> int | None:
+        return groups.get((row["class_name"], row.get("phrase"))) if is_edit(row) and row.get("kept") else None
+
+    out = [{**r, "spurious_group": kept_in(group_of, r), "top_k_group": kept_in(top_of, r)} for r in rows]
     classes = sorted({r["class_name"] for r in rows if not is_edit(r)})
     summary = {"rows_in": len(rows), "failures": 0, "edits_kept": len(kept),
                "spurious": {c: groups for c, groups in spurious.items() if groups},
@@ -111,12 +117,12 @@ def training_edits(rows: list[Row], class_name: str, min_images: int) -> tuple[l
     """The kept edits a class's generator learns from: one rule for textual inversion (``personalize``) and its CPU
     stand-in (the composite generator), so that both give images to the same classes.
 
-    1. ``top-k``: the class's kept edits in one of its spurious top-k groups (``spurious_group`` set), when there
-       are at least ``min_images``;
-    2. ``all-kept``: otherwise all its kept edits, when there are at least ``min_images`` (a class whose features
-       are redundant, each enough for the prediction alone, flips few single edits and may claim nothing; leaving
-       it out of the augmentation while the other classes are shown on every background would teach the
-       retrained model that those backgrounds mean "not this class");
+    1. ``top-k``: the class's kept edits in one of its top-k groups (``top_k_group`` set: ASPIRE Algorithm 1's
+       D_synth^k, whether or not the report claims the group: a class whose features are redundant, each enough
+       for the prediction alone, flips few single edits and may claim nothing; leaving it, or one of its features,
+       out of the augmentation while the other classes are shown on every background would teach the retrained
+       model that those backgrounds mean "not this class"), when there are at least ``min_images``;
+    2. ``all-kept``: otherwise all its kept edits, when there are at least ``min_images``;
     3. ``none``: otherwise none, with the reason ``"only N kept edits (< min_images)"``.
 
     Returns:
@@ -132,7 +138,7 @@ def training_edits(rows: list[Row], class_name: str, min_images: int) -> tuple[l
         if r.get("class_name") == class_name and r.get("kept") and r.get("path") and is_edit(r) and r["path"] not in seen:
             seen.add(r["path"])
             kept.append(r)
-    top = [r for r in kept if r.get("spurious_group") is not None]
+    top = [r for r in kept if r.get("top_k_group") is not None]
     if len(top) >= min_images:
         return top, "top-k", f"{len(top)} kept edits of the top-k groups"
     if len(kept) >= min_images:

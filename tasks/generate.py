@@ -87,9 +87,9 @@ def generator_exemplars(rows: list[Row], learn_from: str, min_images: int = 3, l
     """Per class, the images the composite generator imitates, as textual inversion would learn from them.
 
     ``kept-edits`` (ASPIRE): the edits that textual inversion trains on (:func:`tasks.collapse.training_edits`:
-    the kept edits of the class's spurious top-k groups, else all its kept edits, at least ``min_images``), each
+    the kept edits of the class's top-k groups, else all its kept edits, at least ``min_images``), each
     as its source row with the edited ``path`` (its boxes still locate the objects an edit did not remove) and
-    ``learn_group``, the exemplar group drawn uniformly (the spurious group, else the edited phrase).
+    ``learn_group``, the exemplar group drawn uniformly (the top-k group, else the edited phrase).
     ``held-out`` (a control without discovery): the class's held-out originals. At most ``limit`` per class,
     chosen by a digest of the image id so the choice does not depend on row order."""
     from tasks.collapse import training_edits
@@ -103,10 +103,10 @@ def generator_exemplars(rows: list[Row], learn_from: str, min_images: int = 3, l
         for name in sorted({r["class_name"] for r in rows if is_edit(r)}):
             for edit in training_edits(rows, name, min_images)[0]:
                 source = originals.get(edit.get("source_image_id"))
-                group = edit.get("spurious_group")
+                group = edit.get("top_k_group")
                 if source is not None:
                     out.setdefault(name, []).append(
-                        {**source, "image_id": edit["image_id"], "path": edit["path"], "spurious_group": group,
+                        {**source, "image_id": edit["image_id"], "path": edit["path"],
                          "learn_group": f"top-k {group}" if group is not None else f"phrase {edit.get('phrase')}",
                          "edit": edit["source"]})
     return {name: sorted(found, key=lambda r: digest(r["image_id"]))[:limit] for name, found in sorted(out.items())}
@@ -117,7 +117,7 @@ def edits_as_augmentations(rows: list[Row], min_images: int = 3) -> list[Row]:
     class (``source="generated"``, ``generator="edits"``): the augmentation of ASPIRE Table 2's ablation "training
     on the edits" instead of on images generated from them. The edited file is used as it is."""
     found = generator_exemplars(rows, "kept-edits", min_images, limit=None)
-    dropped = ("spurious_group", "learn_group", "edit", "holdout", "pred", "pred_conf", "correct")
+    dropped = ("spurious_group", "top_k_group", "learn_group", "edit", "holdout", "pred", "pred_conf", "correct")
     return [{**{k: v for k, v in e.items() if k not in dropped},
              "image_id": f"gen::{e['class_name']}::{e['image_id']}", "source": "generated", "generator": "edits",
              "seed": -1, "group": None, "spurious_avoided": []} for name in found for e in found[name]]

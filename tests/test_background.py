@@ -92,6 +92,10 @@ def test_collapse_claims_a_feature_only_when_enough_edits_flip():
     assert not cat["grass"]["confident"] and cat["grass"]["flip_rate"] == 0.03
     assert summary["spurious"] == {"cat": [["ball"]]} and summary["no_spurious_found"] == ["fox"]
     assert {r["spurious_group"] for r in out if r.get("phrase") == "grass"} == {None}
+    # not claimed, but still one of the top-k groups the generator learns from (ASPIRE Algorithm 1's D_synth^k)
+    grass = {r["top_k_group"] for r in out if r.get("phrase") == "grass" and r["kept"]}
+    assert grass == {[g["phrases"][0] for g in summary["top_k"]["cat"]].index("grass")}
+    assert {r["top_k_group"] for r in out if r.get("phrase") == "grass" and not r["kept"]} == {None}
 
 
 def test_collapse_claims_only_features_the_class_s_captions_name_more_than_others():

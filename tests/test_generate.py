@@ -36,7 +36,7 @@ def manifest(tmp_path: Path) -> list[dict]:
     def edit(kind, background, ball, group, kept=True):
         return {"image_id": f"o::{kind}::0", "source_image_id": "o", "path": image(tmp_path / f"{kind}.png", background, ball),
                 "label": 0, "class_name": "a", "split": "train", "source": f"edit-{kind}", "kept": kept,
-                "spurious_group": group, "phrase": kind}
+                "spurious_group": group, "top_k_group": group, "phrase": kind}
 
     return [original, edit("remove", BLUE, False, 0), edit("background", GREEN, True, 1),
             edit("unflipped", GREEN, False, None, kept=False)]
@@ -73,7 +73,7 @@ def test_exemplars_are_the_kept_edits_of_spurious_groups_with_their_source_boxes
     kept = generator_exemplars(rows, "kept-edits", min_images=1)["a"]
     assert sorted(r["image_id"] for r in kept) == ["o::background::0", "o::remove::0"]
     assert all(r["boxes"] == BOXES and r["path"] != rows[0]["path"] for r in kept)
-    assert {r["spurious_group"] for r in kept} == {0, 1} and {r["learn_group"] for r in kept} == {"top-k 0", "top-k 1"}
+    assert {r["learn_group"] for r in kept} == {"top-k 0", "top-k 1"}
     held_out = generator_exemplars(rows, "held-out")["a"]
     assert [r["image_id"] for r in held_out] == ["o"]
 
@@ -128,7 +128,7 @@ def test_the_edits_ablation_adds_the_kept_spurious_edits_themselves():
     original = {"image_id": "o1", "path": "/o1.png", "label": 1, "class_name": "cat", "split": "train", "group": 3,
                 "holdout": True, "pred": 1}
     edits = [{"image_id": "o1::rm::ball", "source_image_id": "o1", "path": "/e1.png", "class_name": "cat", "label": 1,
-              "split": "train", "source": "edit-remove", "kept": kept, "spurious_group": group}
+              "split": "train", "source": "edit-remove", "kept": kept, "top_k_group": group}
              for kept, group in ((True, 0), (False, 0), (True, None))]
     edits[1]["image_id"], edits[2]["image_id"] = "o1::rm::x", "o1::rm::y"
     edits[1]["path"], edits[2]["path"] = "/e2.png", "/e3.png"
@@ -140,14 +140,12 @@ def test_the_edits_ablation_adds_the_kept_spurious_edits_themselves():
     assert [r["path"] for r in edits_as_augmentations([original, *edits], min_images=2)] == ["/e1.png", "/e3.png"]
 
 
-def test_a_class_that_claims_nothing_still_learns_from_its_kept_edits_as_textual_inversion_would(tmp_path):
-    """A class whose features are redundant flips few single edits and may claim no feature; leaving it out of the
-    augmentation while every other class gets images on every background makes those backgrounds mean "not this
-    class". The composite generator takes the images personalize trains on: all of the class's kept edits, drawn
-    uniformly over the edited phrases; with fewer than min_images kept edits the class gets none."""
+def test_a_class_without_top_k_edits_learns_from_all_its_kept_edits_as_textual_inversion_would(tmp_path):
+    """Fewer top-k edits than min_images: the composite generator takes the images personalize trains on, all of
+    the class's kept edits, drawn uniformly over the edited phrases; with fewer kept edits the class gets none."""
     from tasks.personalize import select_training_images
 
-    rows = [{**r, "spurious_group": None} if r.get("source", "").startswith("edit-") else r for r in manifest(tmp_path)]
+    rows = [{**r, "top_k_group": None} if r.get("source", "").startswith("edit-") else r for r in manifest(tmp_path)]
     exemplars = generator_exemplars(rows, "kept-edits", min_images=2)["a"]
     assert sorted(r["image_id"] for r in exemplars) == ["o::background::0", "o::remove::0"]
     assert {r["learn_group"] for r in exemplars} == {"phrase remove", "phrase background"}

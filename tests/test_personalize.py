@@ -209,7 +209,7 @@ def test_initial_words_are_checked_before_the_run(tiny_sd):
 
 
 def edit(class_name, path, kept=True, group=None, source="edit-remove"):
-    return {"class_name": class_name, "path": path, "kept": kept, "spurious_group": group, "source": source}
+    return {"class_name": class_name, "path": path, "kept": kept, "top_k_group": group, "source": source}
 
 
 def test_select_training_images_falls_back():
