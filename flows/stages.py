@@ -155,10 +155,17 @@ def _summary_of(stores: dict[str, StageStore], name: str) -> dict:
     return stores[name].stage_marker()["summary"]
 
 
+NOTHING_CLAIMED = "no spurious feature found in any class: nothing to augment against"
+"""Why personalize and generate make nothing when collapse claims no feature for any class. When some class has
+one, every class learns from its top-k edits (:func:`tasks.collapse.training_edits`), claimed or not."""
+
+
 def _personalize(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     summary = {"rows_in": len(rows), "failures": 0, "tokens": {}, "skipped": {}, "learned_from": {}}
     if config.personalize.backend == "none":
         return rows, {**summary, "skipped": {"*": "personalize.backend is none"}}, []
+    if not _summary_of(stores, "collapse")["spurious"]:
+        return rows, {**summary, "skipped": {"*": NOTHING_CLAIMED}}, []
     from tasks import personalize
 
     parts = []
@@ -192,6 +199,10 @@ def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], sto
     # every class avoids every phrase of its top-k groups (ASPIRE's rule), claimed by the report or not: a feature
     # the classifier leans on alongside another flips few edits and may miss the claim's threshold
     spurious = {c: [g["phrases"] for g in groups] for c, groups in collapse_summary["top_k"].items() if groups}
+    if config.generate.learn_from == "kept-edits" and not collapse_summary["spurious"]:
+        # the report claims no feature in any class (the negative control's case): nothing to augment against
+        return rows, {"rows_in": len(rows), "failures": 0, "generated": 0, "planned": counts,
+                      "skipped": {c: NOTHING_CLAIMED for c in counts}}, []
     tokens = {c: t[:2] for c, t in _summary_of(stores, "personalize")["tokens"].items()}
     if config.generate.backend == "edits":  # Table 2's ablation: the kept edits themselves, nothing generated
         made = generate.edits_as_augmentations(rows, config.personalize.min_images)

@@ -37,7 +37,7 @@ from tasks import retry_if_transient
 log = logging.getLogger(__name__)
 
 STAGE = "generate"
-VERSION = 5
+VERSION = 6
 
 
 MINORITY_FRACTION = 0.5

@@ -57,7 +57,7 @@ from tasks import retry_if_transient
 log = logging.getLogger(__name__)
 
 STAGE = "personalize"
-VERSION = 1
+VERSION = 2
 BACKEND = "textual-inversion"
 TEMPLATES = "textual_inversion_templates.txt"
 EMBEDS_FILE = "learned_embeds.safetensors"

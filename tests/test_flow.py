@@ -583,3 +583,16 @@ def test_a_benchmark_draw_that_fails_leaves_no_half_drawn_folder(tmp_path, monke
     with pytest.raises(OSError, match="No space left"):
         draw()
     assert not (tmp_path / "benchmark").exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_nothing_claimed_in_any_class_generates_nothing_but_the_control_still_does(run_config, tmp_path):
+    """The negative control's case: when the report claims no spurious feature for any class there is nothing to
+    augment against, and ASPIRE generates nothing (saying why); augmentation without discovery still generates."""
+    from flows.stages import NOTHING_CLAIMED
+
+    report = run(run_config, "collapse.min_flips=100000")
+    assert report["no_spurious_found"] == ["bird", "car", "dog"] and report["counts"]["generated"] == 0
+    generated = summary(tmp_path / "run", "generate")
+    assert generated["generated"] == 0 and generated["skipped"] == {c: NOTHING_CLAIMED for c in ("bird", "car", "dog")}
+    control = run(run_config, "collapse.min_flips=100000", "generate.learn_from=held-out")
+    assert control["counts"]["generated"] > 0
