@@ -79,8 +79,8 @@ def run_collapse(rows: list[Row], config: CollapseConfig, embedder: Embedder) ->
     """Top-k groups per class from the kept edits; annotate the kept edits that belong to them.
 
     Returns:
-        (rows with ``spurious_group`` and ``top_k_group``, summary with ``spurious`` {class: [[phrases], ...]}, ``top_k`` (with
-        counts) and ``flipped`` (per phrase: edits made and kept)).
+        (rows with ``spurious_group`` and ``top_k_group``, summary with ``spurious`` {class: [[phrases], ...]},
+        ``top_k`` (with counts) and ``flipped`` (per phrase: edits made and kept)).
     """
     kept = [r for r in rows if is_edit(r) and r.get("kept") and r.get("phrase")]
     table = top_k([(r["class_name"], r["phrase"]) for r in kept], embedder, threshold_of(config), config.top_k)
