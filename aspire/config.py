@@ -292,7 +292,7 @@ class GenerateConfig(Section):
     clip_threshold: float = Field(0.25, description="clip_filter: cosine similarity to a spurious phrase above which an image is dropped.")
     learn_from: Literal["kept-edits", "held-out"] = Field(
         "kept-edits", description="composite: the images the generator imitates (as textual inversion learns from "
-        "them): kept-edits, the prediction-flipping edits of the class's spurious groups (ASPIRE); held-out, the "
+        "them): kept-edits, the prediction-flipping edits of the class's top-k groups (ASPIRE); held-out, the "
         "class's held-out originals, a control (augmentation without discovery: it avoids nothing).")
     context_prior: float = Field(
         0.0, ge=0, le=1, description="composite: probability that a generated image's scene is a uniformly drawn "

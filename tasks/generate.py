@@ -5,9 +5,10 @@ ASPIRE Sec. 2(5) and App. A.4 (https://arxiv.org/abs/2308.10103). Backends:
 - ``textual-inversion`` (:mod:`tasks.generate_sd`): Stable Diffusion with the class's learned token from the
   ``personalize`` stage, prompt "a photo of a {token}", one seed per image, safety checker and an optional
   CLIP filter that drops generations still showing a top-k spurious phrase.
-- ``composite`` (this module, CPU): imitates what textual inversion learns from the kept edits: the class's core
-  object and the exemplars' other foreground, without the spurious phrases, at a random place and scale on an
-  exemplar's scene or a bank background (:class:`CompositeGenerator`).
+- ``composite`` (this module, CPU): imitates what textual inversion learns from the kept edits of the top-k
+  groups: the class's core object and the exemplars' other foreground, without the top-k phrases, at a random place
+  and scale on the exemplar's scene, or on a bank background for a changed-background exemplar
+  (:class:`CompositeGenerator`).
 
 Work is planned as one job row per image to generate (``gen::<class>::<i>`` with its seed), sharded like any
 stage. Generated rows: ``source="generated"``, ``generator``, ``seed``, ``spurious_avoided``, ``split="train"``.

@@ -8,8 +8,9 @@ VAE, UNet and the rest of the text encoder frozen, AdamW on the token embedding 
 after each optimiser step, the noise-prediction MSE loss, and prompts from ``prompts/textual_inversion_templates.txt``.
 
 Training images (:func:`select_training_images`), per class, by the rule the composite generator follows too
-(:func:`tasks.collapse.training_edits`): the kept edits of its spurious top-k groups; fewer than ``min_images``:
-all its kept edits; still fewer: none, and the class is skipped with the reason.
+(:func:`tasks.collapse.training_edits`): the kept edits of its top-k groups, claimed by the report or not (ASPIRE
+Algorithm 1's D_synth^k); fewer than ``min_images``: all its kept edits; still fewer: none, and the class is skipped
+with the reason.
 
 Determinism and resuming: every random draw of optimiser step ``s`` (data order, flips, templates, latent sample,
 noise, timesteps) comes from generators seeded by ``(seed, s)``, so no RNG state has to be carried between
