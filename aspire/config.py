@@ -351,6 +351,10 @@ class RetrainConfig(Section):
         "caption-bow", description="CLARIFY: image-phrase similarity: clip (the paper's) or the image's caption "
         "against the phrase (bag of stems or MiniLM; close to an oracle on synthetic captions).")
     clarify_clip_model: str | None = Field(None, description="CLARIFY: CLIP hub id or local folder for similarity clip.")
+    clarify_phrases: int = Field(
+        1, ge=1, description="CLARIFY: phrases per class (1: the paper's; more: follow-up phrases, each on the errors "
+        "the earlier ones leave, for classes with several spurious attributes). `aspire clarify` asks this many per "
+        "class; the simulated and random annotators give this many.")
     clarify_mode: Literal["last-layer", "full"] = Field(
         "last-layer", description="CLARIFY: retrain the last layer on frozen reference features (the paper's) or the whole model.")
     clarify_variant: Literal["slice-balanced", "worst-slice"] = Field(
@@ -387,7 +391,7 @@ class RetrainConfig(Section):
             return {"annotations": str(self.annotation_path(method, workdir or Path("."))), "annotator": self.clarify_annotator,
                     "candidates": list(candidates or []), "similarity": self.clarify_similarity,
                     "clip_model": self.clarify_clip_model, "mode": self.clarify_mode, "variant": self.clarify_variant,
-                    "reference_model_path": erm_model}
+                    "reference_model_path": erm_model, "phrases_per_class": self.clarify_phrases}
         if method == "slim":
             return {"mode": self.slim_mode, "annotator": self.slim_annotator,
                     "annotations": str(self.annotation_path(method, workdir or Path("."))),

@@ -22,6 +22,7 @@ from aspire.robust.clarify import (
     read_annotations,
     score_phrases,
     simulated_annotations,
+    uncovered,
     write_annotations,
 )
 from flows.train import committed
@@ -67,6 +68,8 @@ def clarify_session(config: RunConfig, annotator: str = "person", ask: Callable[
 
     Input per class: a phrase (its score and tau are printed; type more to compare), ``phrase @ 0.3`` to set tau
     yourself, an empty line to keep the best phrase so far and go to the next class, ``skip`` to leave the class.
+    With ``retrain.clarify_phrases`` above 1 the person is then asked for a follow-up phrase, scored on the class's
+    images the kept phrases do not cover, up to that many per class.
     """
     found, model, val = _reference(config)
     retrain = config.retrain
@@ -85,14 +88,16 @@ def clarify_session(config: RunConfig, annotator: str = "person", ask: Callable[
         say(f"{name:<16} {len(mine):>10} {len(wrong):>6} {len(wrong) / max(1, len(mine)):>10.1%}  {montage}")
     if annotator in ("simulated", "random"):
         annotations = simulated_annotations(val, preds, found.phrases, similarity,
-                                            "best" if annotator == "simulated" else "random")
+                                            "best" if annotator == "simulated" else "random",
+                                            phrases_per_class=retrain.clarify_phrases)
     else:
         annotations = []
         for name, n, n_wrong in sorted(stats, key=lambda s: -s[2] / max(1, s[1])):
             if n_wrong == 0:
                 say(f"{name}: no validation errors, nothing to describe")
                 continue
-            annotations += _ask_class(name, val, preds, similarity, found.phrases, ask, say)
+            annotations += _ask_class(name, val, preds, similarity, found.phrases, ask, say, retrain.clarify_phrases,
+                                      out.parent)
     if not annotations:
         raise ValueError(f"no annotation kept (every class skipped or no input); {out} left as it was")
     write_annotations(out, annotations, note=f"reference model: {found.erm_model}; similarity: {similarity.identity}; "
@@ -103,29 +108,52 @@ def clarify_session(config: RunConfig, annotator: str = "person", ask: Callable[
     return out
 
 
-def _ask_class(name, val, preds, similarity, hints, ask, say) -> list[Annotation]:
-    scored = sorted(score_phrases(val, preds, name, hints, similarity), key=lambda s: -s[1])[:3]
+def _ask_class(name, val, preds, similarity, hints, ask, say, phrases: int, montages: Path) -> list[Annotation]:
+    """Up to ``phrases`` annotations of class ``name``: the first on all its validation images, each follow-up on
+    the images the kept ones do not cover (with a montage of those)."""
+    kept: list[Annotation] = []
+    rows = [r for r in val if r["class_name"] == name]
+    class_preds = [p for r, p in zip(val, preds) if r["class_name"] == name]
+    while len(kept) < phrases:
+        rows, class_preds = uncovered(rows, class_preds, kept[-1:], similarity)
+        errors = np.array([p != r["label"] for r, p in zip(rows, class_preds)])
+        if not errors.any():
+            say(f"{name}: no errors left that the kept phrases do not cover")
+            break
+        if kept:
+            montage = write_montage(montages / f"montage-{name}-{len(kept) + 1}.png",
+                                    [r for r, e in zip(rows, errors) if not e], [r for r, e in zip(rows, errors) if e],
+                                    f"class {name}, not covered by the kept phrases: correct (left) vs wrong (right)")
+            say(f"{name}: {int(errors.sum())} of {len(rows)} images the kept phrases do not cover are wrong: {montage}")
+        found = _ask_phrase(name, rows, class_preds, errors, similarity, hints, ask, say, follow_up=bool(kept))
+        if found is None:
+            break
+        kept.append(found)
+    return kept
+
+
+def _ask_phrase(name, rows, preds, errors, similarity, hints, ask, say, follow_up: bool) -> Annotation | None:
+    scored = sorted(score_phrases(rows, preds, name, hints, similarity), key=lambda s: -s[1])[:3]
     if scored:
         say(f"{name}: phrases from the run's captions, best first: " + ", ".join(f"'{p}' {s:.2f}" for p, s, _ in scored))
-    mine = [i for i, r in enumerate(val) if r["class_name"] == name]
-    errors = np.array([preds[i] != val[i]["label"] for i in mine])
+    prompt = "The model is also often wrong on images that have" if follow_up else "The model is often wrong on images that have"
     best: Annotation | None = None
     while True:
-        text = ask(f"{name}: The model is often wrong on images that have ___ (empty: keep best, 'skip'): ").strip()
+        text = ask(f"{name}: {prompt} ___ (empty: keep best, 'skip'): ").strip()
         if not text:
-            return [best] if best else []
+            return best
         if text == "skip":
-            return []
+            return None
         phrase, _, tau_text = (part.strip() for part in text.partition("@"))
         try:
             tau = float(tau_text) if tau_text else None
         except ValueError:
             say(f"  '{tau_text}' is not a number; write 'phrase @ 0.3'")
             continue
-        sims = similarity.scores([val[i] for i in mine], [phrase])[:, 0]
+        sims = similarity.scores(rows, [phrase])[:, 0]
         score, tau = error_score(sims, errors, tau)
         say(f"  '{phrase}': error score {score:.2f} at tau {tau:.3f} "
-            f"({int((sims > tau).sum())} of {len(mine)} images above tau)")
+            f"({int((sims > tau).sum())} of {len(rows)} images above tau)")
         if best is None or score > best.error_score:
             best = Annotation(name, phrase, tau, score)
 

@@ -17,6 +17,7 @@ from aspire.robust.clarify import (
     simulated_annotations,
     slice_names,
     slice_weights,
+    uncovered,
     write_annotations,
 )
 from aspire.phrases import BowEmbedder
@@ -97,6 +98,12 @@ def test_annotations_round_trip_and_bad_files_name_the_entry(tmp_path):
         read_annotations(path, ["dog"])
     with pytest.raises(ValueError, match="no CLARIFY annotations file"):
         read_annotations(tmp_path / "missing.yaml")
+    two = [Annotation("dog", "snow", 0.25, 0.8), Annotation("dog", "a sled", 0.1, 0.5)]  # a follow-up phrase
+    write_annotations(path, two)
+    assert read_annotations(path, ["dog"]) == two
+    path.write_text("annotations:\n  - {class: dog, phrase: snow, tau: 0.2}\n  - {class: dog, phrase: snow, tau: 0.1}\n")
+    with pytest.raises(ValueError, match=r"annotation 2: class 'dog' has the phrase 'snow' twice"):
+        read_annotations(path, ["dog"])
 
 
 def test_simulated_annotator_picks_the_phrase_that_predicts_errors(bench):
@@ -116,6 +123,51 @@ def test_simulated_annotator_picks_the_phrase_that_predicts_errors(bench):
     single = max(s for _, s, _ in score_phrases(val, preds, "dog", words, similarity))
     assert len(found.phrase.split(", ")) >= 2 and found.error_score > single
     assert ", " not in alone.phrase  # the control: one random candidate
+
+
+def _two_attribute_rows():
+    """dog images on grass / snow / sand with or without a sled (3 each), wrong on grass without the sled and on
+    snow with it: two attributes, as in a class with a spurious background and a spurious object; 4 cats."""
+    rows = [{"class_name": "dog", "label": 0, "caption": f"a dog on the {scene}" + (" with a sled" if sled else ""),
+             "scene": scene, "sled": sled} for scene in ("grass", "snow", "sand") for sled in (False, True) for _ in range(3)]
+    rows += [{"class_name": "cat", "label": 1, "caption": "a cat on the sand", "scene": "sand", "sled": False}] * 4
+    wrong = [r["class_name"] == "dog" and (r["scene"], r["sled"]) in (("grass", False), ("snow", True)) for r in rows]
+    return rows, [1 - r["label"] if w else r["label"] for r, w in zip(rows, wrong)]
+
+
+def test_follow_up_phrases_describe_the_errors_the_first_leaves():
+    rows, preds = _two_attribute_rows()
+    similarity, words = CaptionSimilarity(BowEmbedder()), ["grass", "snow", "sand", "a sled"]
+    (one,) = simulated_annotations(rows, preds, words, similarity)  # the paper's budget: one phrase per class
+    first, second = simulated_annotations(rows, preds, words, similarity, phrases_per_class=3)
+    assert first == one and second.class_name == "dog" and not set(second.phrase.split(", ")) & set(first.phrase.split(", "))
+    # the follow-up is scored on the images the first leaves uncovered (there it separates the errors perfectly) ...
+    left, left_preds = uncovered(rows, preds, [first], similarity)
+    assert 0 < len(left) < len(rows) and second.error_score == pytest.approx(1.0) and one.error_score < 1.0
+    assert score_phrases(left, left_preds, "dog", [second.phrase], similarity)[0][1] == pytest.approx(1.0)
+    # ... a third is not asked for: nothing wrong is left uncovered; the slices are the combinations of both phrases
+    names = slice_names(rows, [first, second], similarity)
+    assert {n for n in names if n.startswith("dog")} <= {f"dog|{a}{first.phrase}|{b}{second.phrase}"
+                                                         for a in ("", "not ") for b in ("", "not ")}
+    assert len({n for n in names if n.startswith("dog")}) >= 3 and set(names) - {n for n in names if n.startswith("dog")} == {"cat"}
+    control = [a for a in simulated_annotations(rows, preds, words, similarity, "random", phrases_per_class=2)
+               if a.class_name == "dog"]
+    assert len(control) == 2 and control[0].phrase != control[1].phrase  # the control spends the same budget
+
+
+def test_the_person_is_asked_for_a_follow_up_on_what_is_left(bench, tmp_path):
+    from flows.annotate import _ask_class
+
+    val = bench["val"]
+    wrong = lambda r: r["class_name"] == "dog" and r["scene"] in ("snow", "sand")  # noqa: E731
+    preds = [(r["label"] + 1) % 3 if wrong(r) else r["label"] for r in val]
+    typed, prompts, said = iter(["snowy, snow", "", "desert, sand, sandy", ""]), [], []
+    ask = lambda prompt: prompts.append(prompt) or next(typed)  # noqa: E731
+    kept = _ask_class("dog", val, preds, CaptionSimilarity(BowEmbedder()), ["snow"], ask, said.append, 2, tmp_path)
+    assert [a.phrase for a in kept] == ["snowy, snow", "desert, sand, sandy"]
+    assert "also often wrong" in prompts[-1] and "also" not in prompts[0]
+    assert (tmp_path / "montage-dog-2.png").is_file() and any("do not cover are wrong" in s for s in said)
+    assert kept[1].error_score == pytest.approx(1.0)  # on the images 'snowy, snow' leaves, sand explains every error
 
 
 @pytest.mark.parametrize("mode,variant", [("last-layer", "slice-balanced"), ("full", "slice-balanced"),

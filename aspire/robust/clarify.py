@@ -12,7 +12,8 @@ Robustness With Natural Language Corrections", seed paper 004, Sec. 3-4).
    kept.
 3. The class's training rows split into D> (sim > tau) and D<= (sim <= tau); **slice-balanced** training weighs them
    by Eq. 2, w_i = 1 / (C |D>|) or 1 / (C |D<=|), so both slices of an annotated class weigh the same in total; rows
-   of classes without an annotation keep uniform weights. Here the weights are scaled so that every class keeps its
+   of classes without an annotation keep uniform weights. With m annotations of a class its slices are the (up to 2^m)
+   combinations of above / below each tau, each weighing the same. Here the weights are scaled so that every class keeps its
    original total weight (its row count) and the mean weight is 1: an annotated class's two slices each get half of
    it. The paper trains the last layer on a frozen backbone (``mode: last-layer``, features L2-normalised); ``full``
    fine-tunes the whole model with the same weights. **worst-slice** trains with Group DRO over the slices instead.
@@ -172,7 +173,8 @@ def read_annotations(path: Path, class_names: Sequence[str] | None = None) -> li
 
     Raises:
         ValueError: no such file, bad YAML, or an entry with a missing/unknown class, an empty phrase, a tau that is
-            not a number, or a class annotated twice; the message names the file and the entry.
+            not a number, or the same (class, phrase) twice; the message names the file and the entry. A class may
+            have several phrases (follow-up annotations, module docstring).
     """
     if not Path(path).is_file():
         raise ValueError(f"{path}: no CLARIFY annotations file; run `aspire clarify CONFIG` or write one by hand")
@@ -195,9 +197,9 @@ def read_annotations(path: Path, class_names: Sequence[str] | None = None) -> li
             raise ValueError(f"{where}: phrase must be a non-empty string, got {phrase!r}")
         if isinstance(tau, bool) or not isinstance(tau, (int, float)):
             raise ValueError(f"{where}: tau must be a number, got {tau!r}")
-        if name in seen:
-            raise ValueError(f"{where}: class {name!r} is annotated twice (CLARIFY keeps one phrase per class)")
-        seen.add(name)
+        if (name, phrase.strip()) in seen:
+            raise ValueError(f"{where}: class {name!r} has the phrase {phrase.strip()!r} twice")
+        seen.add((name, phrase.strip()))
         found.append(Annotation(name, phrase.strip(), float(tau), entry.get("error_score")))
     return found
 
@@ -213,25 +215,48 @@ def score_phrases(rows: Sequence[Row], preds: Sequence[int], class_name: str, ph
     return [(p, *error_score(sims[:, j], errors)) for j, p in enumerate(phrases)]
 
 
+def uncovered(rows: Sequence[Row], preds: Sequence[int], annotations: Sequence[Annotation], similarity
+              ) -> tuple[list[Row], list[int]]:
+    """The rows (and their predictions) that no annotation of their class covers: sim <= tau for every one. These
+    are the images a follow-up phrase is scored on."""
+    keep = np.ones(len(rows), dtype=bool)
+    for a in annotations:
+        mine = [i for i, row in enumerate(rows) if row["class_name"] == a.class_name]
+        if mine:
+            sims = similarity.scores([rows[i] for i in mine], [a.phrase])[:, 0]
+            keep[[i for i, s in zip(mine, sims) if s > a.tau]] = False
+    return [r for r, k in zip(rows, keep) if k], [p for p, k in zip(preds, keep) if k]
+
+
 def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candidates: Sequence[str], similarity,
-                          pick: Literal["best", "random"] = "best", seed: int = 0) -> list[Annotation]:
+                          pick: Literal["best", "random"] = "best", seed: int = 0, phrases_per_class: int = 1
+                          ) -> list[Annotation]:
     """The simulated annotator: per class with errors, the best-scoring candidate phrase refined as a person would
-    (:func:`refine`; ``pick: best``), or one random candidate (``random``: the control of the same budget, one phrase
-    per class); tau by the score. Classes whose best phrase scores 0 are left unannotated."""
+    (:func:`refine`; ``pick: best``), or one random candidate (``random``: the control of the same budget); tau by
+    the score. Up to ``phrases_per_class`` phrases per class: each follow-up is chosen the same way on the class's
+    images that the earlier phrases leave uncovered (:func:`uncovered`). A class stops when its best phrase scores 0
+    (``best``) or nothing uncovered is left."""
     rng = np.random.default_rng(seed)
     candidates = list(dict.fromkeys(candidates))
-    found = []
+    found: list[Annotation] = []
     for name in dict.fromkeys(row["class_name"] for row in val_rows):
-        scored = score_phrases(val_rows, preds, name, candidates, similarity)
-        if not scored:
-            continue
-        if pick == "random":
-            choice = scored[int(rng.integers(len(scored)))]
-        else:
-            choice = refine(max(scored, key=lambda s: s[1]), val_rows, preds, name, candidates, similarity)
-            if choice[1] <= 0:
-                continue
-        found.append(Annotation(name, choice[0], choice[2], choice[1]))
+        mine = [(r, p) for r, p in zip(val_rows, preds) if r["class_name"] == name]
+        rows, class_preds = [r for r, _ in mine], [p for _, p in mine]
+        used: set[str] = set()
+        for _ in range(phrases_per_class):
+            scored = [s for s in score_phrases(rows, class_preds, name, candidates, similarity) if s[0] not in used]
+            if not scored:
+                break
+            if pick == "random":
+                choice = scored[int(rng.integers(len(scored)))]
+            else:
+                choice = refine(max(scored, key=lambda s: s[1]), rows, class_preds, name,
+                                [c for c in candidates if c not in used], similarity)
+                if choice[1] <= 0:
+                    break
+            found.append(Annotation(name, choice[0], choice[2], choice[1]))
+            used.update(choice[0].split(", "))
+            rows, class_preds = uncovered(rows, class_preds, [found[-1]], similarity)
     return found
 
 
@@ -255,8 +280,9 @@ def refine(start: tuple[str, float, float], val_rows: Sequence[Row], preds: Sequ
 
 
 def slice_names(rows: Sequence[Row], annotations: Sequence[Annotation], similarity) -> list[str]:
-    """Per row ``<class>|<phrase>`` (sim > tau) or ``<class>|not <phrase>`` for annotated classes, else ``<class>``;
-    generated rows (``source == "generated"``) are their own slice ``<class>|generated`` (ASPIRE App. A.4)."""
+    """Per row ``<class>|<phrase>`` (sim > tau) or ``<class>|not <phrase>`` for annotated classes, one part per
+    annotation of the class in file order (``dog|snow|not a sled``), else ``<class>``; generated rows
+    (``source == "generated"``) are their own slice ``<class>|generated`` (ASPIRE App. A.4)."""
     names = [f"{row['class_name']}|generated" if row.get("source") == "generated" else str(row["class_name"])
              for row in rows]
     for a in annotations:
@@ -265,7 +291,7 @@ def slice_names(rows: Sequence[Row], annotations: Sequence[Annotation], similari
             continue
         sims = similarity.scores([rows[i] for i in mine], [a.phrase])[:, 0]
         for i, s in zip(mine, sims):
-            names[i] = f"{a.class_name}|{a.phrase}" if s > a.tau else f"{a.class_name}|not {a.phrase}"
+            names[i] += f"|{a.phrase}" if s > a.tau else f"|not {a.phrase}"
     return names
 
 
@@ -306,6 +332,8 @@ class CLARIFYTrainer(Trainer):
         annotator: ``file`` (a person's annotations), ``simulated`` (best-scoring candidate phrase per class) or
             ``random`` (a random candidate per class: the control).
         candidates: phrases the simulated/random annotator chooses from (the extract stage's phrases).
+        phrases_per_class: the simulated/random annotator's phrases per class (1: the paper; more: follow-up
+            annotations on the errors the earlier phrases leave, module docstring).
         similarity: one of :data:`SIMILARITIES`; ``clip_model`` for ``clip``.
         mode: ``last-layer`` (the paper's: logistic regression on the frozen, L2-normalised reference features) or
             ``full`` (fine-tune the whole model with the weights).
@@ -319,7 +347,7 @@ class CLARIFYTrainer(Trainer):
                  mode: Literal["last-layer", "full"] = "last-layer",
                  variant: Literal["slice-balanced", "worst-slice"] = "slice-balanced",
                  reference_model: nn.Module | None = None, reference_model_path: str | None = None,
-                 c_grid: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0)) -> None:
+                 c_grid: Sequence[float] = (0.01, 0.1, 1.0, 10.0, 100.0), phrases_per_class: int = 1) -> None:
         if annotator == "file" and not annotations:
             raise ValueError("clarify: annotator 'file' needs an annotations file (run `aspire clarify CONFIG`)")
         if annotator in ("simulated", "random") and not candidates:
@@ -327,11 +355,13 @@ class CLARIFYTrainer(Trainer):
         if mode not in ("last-layer", "full") or variant not in ("slice-balanced", "worst-slice"):
             raise ValueError(f"clarify: mode={mode!r}, variant={variant!r}: expected last-layer|full, "
                              "slice-balanced|worst-slice")
+        if phrases_per_class < 1:
+            raise ValueError(f"clarify: phrases_per_class={phrases_per_class}: need at least 1")
         if reference_model is None and reference_model_path is not None:
             reference_model = load_model(Path(reference_model_path))[0]
         self.annotations, self.annotator, self.candidates = annotations, annotator, list(candidates)
         self.similarity_name, self.clip_model, self.mode, self.variant = similarity, clip_model, mode, variant
-        self.reference, self.c_grid = reference_model, tuple(c_grid)
+        self.reference, self.c_grid, self.phrases_per_class = reference_model, tuple(c_grid), phrases_per_class
 
     def train(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> TrainResult:
         """Annotate (or read annotations), weigh the slices and train; ``extras`` holds the annotations, the
@@ -350,7 +380,8 @@ class CLARIFYTrainer(Trainer):
         else:
             preds = predict_rows(reference, val_rows, config)
             annotations = simulated_annotations(val_rows, preds, self.candidates, similarity,
-                                                "best" if self.annotator == "simulated" else "random", seed)
+                                                "best" if self.annotator == "simulated" else "random", seed,
+                                                self.phrases_per_class)
         log.info("CLARIFY: %s", [(a.class_name, a.phrase, round(a.tau, 3)) for a in annotations])
         train_slices = np.array(slice_names(train_rows, annotations, similarity))
         val_slices = np.array(slice_names(val_rows, annotations, similarity))
