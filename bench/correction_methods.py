@@ -11,6 +11,7 @@ Per draw (``configs/suite/``, the demo's settings) and backbone, ``aspire run`` 
 - ``erm``, ``jtt``, ``dfr`` (the run's ERM model as backbone), ``groupdro`` (true group labels, the upper reference);
 - ``clarify``: the simulated annotator (per class the extracted phrase with the best error score), last layer;
   ``clarify-random``: a random extracted phrase per class, tau by the score (the same budget: one phrase per class);
+  ``clarify-2`` / ``clarify-random-2``: the same with a follow-up phrase per class (``retrain.clarify_phrases=2``);
 - ``slim``: SLIM_Val with the simulated annotator (GradCAM mass in the object box, 5% answers flipped);
   ``slim-random``: a random validation subset of the curated size, the same last-layer training; both at the
   paper's budget of 0.1x the validation set and at 0.3x (the top of the paper's range; these draws have 24-60
@@ -36,6 +37,8 @@ COMMON = ["retrain.dfr_base=classifier", "retrain.clarify_annotator=simulated", 
 ARMS = {  # name -> (trainer method, extra overrides)
     "erm": ("erm", []), "jtt": ("jtt", []), "dfr": ("dfr", []), "groupdro": ("groupdro", []),
     "clarify": ("clarify", []), "clarify-random": ("clarify", ["retrain.clarify_annotator=random"]),
+    "clarify-2": ("clarify", ["retrain.clarify_phrases=2"]),
+    "clarify-random-2": ("clarify", ["retrain.clarify_annotator=random", "retrain.clarify_phrases=2"]),
     "slim": ("slim", []), "slim-random": ("slim", ["retrain.slim_annotator=random"]),
     "slim-0.3": ("slim", ["retrain.slim_budget=0.3"]),
     "slim-random-0.3": ("slim", ["retrain.slim_annotator=random", "retrain.slim_budget=0.3"]),
