@@ -187,7 +187,7 @@ def run_stage(config: RunConfig, name: str, store: StageStore, force: bool,
         rows, summary, parts = compute()
         summary = {**summary, "rows_out": len(rows), "key": store.key}
         store.commit_stage(rows, summary, parts)
-    summary = {**summary, "status": "done", "cached": False, "seconds": round(time.perf_counter() - start, 2)}
+    summary = {**summary, "status": "done", "cached": False, "seconds": round(time.perf_counter() - start, 3)}
     publish(config, name, summary)
     computed = (f", {summary['shards_run']} of {summary['shards']} shards computed here"
                 if "shards_run" in summary and "shards" in summary else "")
