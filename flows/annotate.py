@@ -23,6 +23,7 @@ from aspire.robust.clarify import (
     score_phrases,
     simulated_annotations,
     uncovered,
+    with_absences,
     write_annotations,
 )
 from flows.train import committed
@@ -133,13 +134,14 @@ def _ask_class(name, val, preds, similarity, hints, ask, say, phrases: int, mont
 
 
 def _ask_phrase(name, rows, preds, errors, similarity, hints, ask, say, follow_up: bool) -> Annotation | None:
-    scored = sorted(score_phrases(rows, preds, name, hints, similarity), key=lambda s: -s[1])[:3]
+    scored = sorted(score_phrases(rows, preds, name, with_absences(hints), similarity), key=lambda s: -s[1])[:3]
     if scored:
         say(f"{name}: phrases from the run's captions, best first: " + ", ".join(f"'{p}' {s:.2f}" for p, s, _ in scored))
     prompt = "The model is also often wrong on images that have" if follow_up else "The model is often wrong on images that have"
+    prompt += " ___ ('no X' for an absence;"
     best: Annotation | None = None
     while True:
-        text = ask(f"{name}: {prompt} ___ (empty: keep best, 'skip'): ").strip()
+        text = ask(f"{name}: {prompt} empty: keep best, 'skip'): ").strip()
         if not text:
             return best
         if text == "skip":

@@ -135,6 +135,22 @@ def _two_attribute_rows():
     return rows, [1 - r["label"] if w else r["label"] for r, w in zip(rows, wrong)]
 
 
+def test_an_absence_describes_errors_on_images_without_the_object():
+    rows, _ = _two_attribute_rows()
+    similarity = CaptionSimilarity(BowEmbedder())
+    sims = similarity.scores(rows, ["a sled", "no sled", "without a sled", "grass"])
+    assert np.allclose(sims[:, 1], -sims[:, 0]) and np.allclose(sims[:, 2], -sims[:, 0])
+    # the dog is wrong exactly where its sled is missing: "a sled" scores 0 (its errors lie below tau), "no sled" 1
+    preds = [1 - r["label"] if r["class_name"] == "dog" and not r["sled"] else r["label"] for r in rows]
+    scored = dict((p, s) for p, s, _ in score_phrases(rows, preds, "dog", ["a sled", "no sled"], similarity))
+    assert scored == {"a sled": 0.0, "no sled": pytest.approx(1.0)}
+    (found,) = simulated_annotations(rows, preds, ["grass", "a sled"], similarity)
+    assert found.phrase == "no sled" and found.error_score == pytest.approx(1.0)
+    names = slice_names(rows, [found], similarity)
+    assert all(n == ("dog|not no sled" if r["sled"] else "dog|no sled") for r, n in zip(rows, names)
+               if r["class_name"] == "dog")
+
+
 def test_follow_up_phrases_describe_the_errors_the_first_leaves():
     rows, preds = _two_attribute_rows()
     similarity, words = CaptionSimilarity(BowEmbedder()), ["grass", "snow", "sand", "a sled"]

@@ -7,9 +7,15 @@ Robustness With Natural Language Corrections", seed paper 004, Sec. 3-4).
 
        Acc(tau) = 1/2 [ P(sim > tau | error) + P(sim <= tau | correct) ],   score = 2 (max_tau Acc(tau) - 0.5),
 
-   0 for a phrase that says nothing about the errors, 1 for one that separates them perfectly. tau is the
+   0 for a phrase that says nothing about the errors, 1 for one that separates them perfectly. A phrase may name
+   an absence ("no sled": minus the similarity to "sled"), since a score that rewards only sim > tau on the errors
+   cannot describe a class that fails where its usual object is missing. tau is the
    maximising threshold unless the person sets it. One annotation is (class, phrase, tau); per class the best one is
-   kept.
+   kept. A class may carry *follow-up* annotations (``retrain.clarify_phrases`` above 1, not in the paper): the
+   person looks at the errors the earlier phrases do not cover (images with sim <= tau for every earlier phrase of
+   the class) and completes "The model is also often wrong on images that have ___", scored on those images only;
+   for classes with more than one spurious attribute ("shortcuts come in multiples", Li et al. 2022b, cited by the
+   paper), where one phrase balances one attribute and leaves the other's rare combinations rare.
 3. The class's training rows split into D> (sim > tau) and D<= (sim <= tau); **slice-balanced** training weighs them
    by Eq. 2, w_i = 1 / (C |D>|) or 1 / (C |D<=|), so both slices of an annotated class weigh the same in total; rows
    of classes without an annotation keep uniform weights. With m annotations of a class its slices are the (up to 2^m)
@@ -29,6 +35,7 @@ numbers measure the training half of CLARIFY, not how well a similarity model fi
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,8 +67,45 @@ SELECTION = "worst validation-slice accuracy (slices from the annotations; no gr
 
 # -- similarity ------------------------------------------------------------------------------------------------
 
+NEGATIONS = ("no ", "without ")
+"""A phrase starting with one of these describes an absence: "no sled" scores minus the similarity to "sled"."""
 
-class CaptionSimilarity:
+
+def absent_part(phrase: str) -> str | None:
+    """The described-as-absent phrase of "no sled" / "without a sled" ("sled" / "a sled"), else None."""
+    low = phrase.strip().lower()
+    return next((phrase.strip()[len(n):].strip() for n in NEGATIONS if low.startswith(n) and low[len(n):].strip()), None)
+
+
+def with_absences(phrases: Sequence[str]) -> list[str]:
+    """``phrases`` and their absences: ["a sled"] -> ["a sled", "no sled"]."""
+    positive = list(dict.fromkeys(p for p in phrases if absent_part(p) is None))
+    return [*positive, *(f"no {re.sub(r'^(a|an|the) ', '', p)}" for p in positive)]
+
+
+class _Similarity:
+    """Similarity backends score phrases through :meth:`cosines`; :meth:`scores` adds absences: the score of "no X"
+    is minus the score of X, so "images that have no sled" are the images whose sled similarity is low, and tau of
+    such a phrase lies on that negated scale (sim(X) < -tau). The error score then treats a missing object like any
+    other description: the errors of a class on images *without* its usual object can be described (the paper's
+    person would write "no sled"; a similarity model cannot read the negation itself)."""
+
+    def cosines(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def scores(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
+        """(N rows, M phrases) similarities, negated for absences."""
+        if not phrases:
+            return np.zeros((len(rows), 0), dtype=np.float32)
+        parts = [absent_part(p) for p in phrases]
+        cores = list(dict.fromkeys(a if a is not None else p for p, a in zip(phrases, parts)))
+        cos = self.cosines(rows, cores)
+        columns = [(-1 if a is not None else 1) * cos[:, cores.index(a if a is not None else p)]
+                   for p, a in zip(phrases, parts)]
+        return np.stack(columns, axis=1) if rows else np.zeros((0, len(phrases)), dtype=np.float32)
+
+
+class CaptionSimilarity(_Similarity):
     """sim(image, phrase) = cosine of the phrase and the image's ``caption`` under an embedder (bag of stems, MiniLM).
 
     Raises:
@@ -71,7 +115,7 @@ class CaptionSimilarity:
     def __init__(self, embedder: Embedder) -> None:
         self.embedder, self.identity = embedder, f"caption-{embedder.identity}"
 
-    def scores(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
+    def cosines(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
         """(N rows, M phrases) cosine similarities."""
         missing = [row.get("image_id") for row in rows if not row.get("caption")]
         if missing:
@@ -85,7 +129,7 @@ class CaptionSimilarity:
         return np.concatenate(parts) @ self.embedder.embed(list(phrases)).T
 
 
-class ClipSimilarity:
+class ClipSimilarity(_Similarity):
     """sim(image, phrase) = CLIP cosine of the image and "a photo of {phrase}" (the generate stage's CLIP code).
 
     Image features are kept per image path: the error score of every typed or refined phrase, and the slices, score
@@ -99,7 +143,7 @@ class ClipSimilarity:
         self.identity = f"clip:{model}"
         self._features: dict[str, torch.Tensor] = {}
 
-    def scores(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
+    def cosines(self, rows: Sequence[Row], phrases: Sequence[str]) -> np.ndarray:
         """(N rows, M phrases) cosine similarities."""
         if not rows or not phrases:
             return np.zeros((len(rows), len(phrases)), dtype=np.float32)
@@ -233,11 +277,13 @@ def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candida
                           ) -> list[Annotation]:
     """The simulated annotator: per class with errors, the best-scoring candidate phrase refined as a person would
     (:func:`refine`; ``pick: best``), or one random candidate (``random``: the control of the same budget); tau by
-    the score. Up to ``phrases_per_class`` phrases per class: each follow-up is chosen the same way on the class's
-    images that the earlier phrases leave uncovered (:func:`uncovered`). A class stops when its best phrase scores 0
+    the score. The candidates are the given phrases and their absences ("no sled"); refining adds given phrases
+    ("no sled, boat": neither). Up to ``phrases_per_class`` phrases per class: each follow-up is chosen the same
+    way on the class's images that the earlier phrases leave uncovered (:func:`uncovered`). A class stops when its best phrase scores 0
     (``best``) or nothing uncovered is left."""
     rng = np.random.default_rng(seed)
-    candidates = list(dict.fromkeys(candidates))
+    positive = list(dict.fromkeys(c for c in candidates if absent_part(c) is None))
+    candidates = with_absences(positive)
     found: list[Annotation] = []
     for name in dict.fromkeys(row["class_name"] for row in val_rows):
         mine = [(r, p) for r, p in zip(val_rows, preds) if r["class_name"] == name]
@@ -251,11 +297,13 @@ def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candida
                 choice = scored[int(rng.integers(len(scored)))]
             else:
                 choice = refine(max(scored, key=lambda s: s[1]), rows, class_preds, name,
-                                [c for c in candidates if c not in used], similarity)
+                                [c for c in positive if c not in used], similarity)
                 if choice[1] <= 0:
                     break
             found.append(Annotation(name, choice[0], choice[2], choice[1]))
-            used.update(choice[0].split(", "))
+            for term in choice[0].split(", "):
+                core = absent_part(term) or term
+                used.update((core, f"no {core}"))
             rows, class_preds = uncovered(rows, class_preds, [found[-1]], similarity)
     return found
 
@@ -341,6 +389,8 @@ class CLARIFYTrainer(Trainer):
         reference_model / reference_model_path: the model whose errors were annotated (default: ERM on the train rows).
         c_grid: inverse L2 strengths of the last layer, chosen on the validation slices.
     """
+
+    VERSION = 2  # 2: absences ("no sled") among the simulated annotator's candidates
 
     def __init__(self, annotations: str | None = None, annotator: Literal["file", "simulated", "random"] = "file",
                  candidates: Sequence[str] = (), similarity: str = "caption-bow", clip_model: str | None = None,
