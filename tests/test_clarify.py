@@ -18,6 +18,7 @@ from aspire.robust.clarify import (
     slice_names,
     slice_weights,
     uncovered,
+    with_absences,
     write_annotations,
 )
 from aspire.phrases import BowEmbedder
@@ -144,8 +145,10 @@ def test_an_absence_describes_errors_on_images_without_the_object():
     preds = [1 - r["label"] if r["class_name"] == "dog" and not r["sled"] else r["label"] for r in rows]
     scored = dict((p, s) for p, s, _ in score_phrases(rows, preds, "dog", ["a sled", "no sled"], similarity))
     assert scored == {"a sled": 0.0, "no sled": pytest.approx(1.0)}
-    (found,) = simulated_annotations(rows, preds, ["grass", "a sled"], similarity)
-    assert found.phrase == "no sled" and found.error_score == pytest.approx(1.0)
+    found = Annotation("dog", "no sled", *error_score(similarity.scores(rows[:18], ["no sled"])[:, 0],
+                                                      np.array([not r["sled"] for r in rows[:18]]))[::-1])
+    assert found.error_score == pytest.approx(1.0) and with_absences(["grass", "a sled"]) == ["grass", "a sled",
+                                                                                            "no grass", "no sled"]
     names = slice_names(rows, [found], similarity)
     assert all(n == ("dog|not no sled" if r["sled"] else "dog|no sled") for r, n in zip(rows, names)
                if r["class_name"] == "dog")

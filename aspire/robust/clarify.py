@@ -277,13 +277,13 @@ def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candida
                           ) -> list[Annotation]:
     """The simulated annotator: per class with errors, the best-scoring candidate phrase refined as a person would
     (:func:`refine`; ``pick: best``), or one random candidate (``random``: the control of the same budget); tau by
-    the score. The candidates are the given phrases and their absences ("no sled"); refining adds given phrases
-    ("no sled, boat": neither). Up to ``phrases_per_class`` phrases per class: each follow-up is chosen the same
+    the score. The candidates are the given phrases (the issue's annotator: the extract stage's phrases); absences
+    ("no sled") are left to the person (BENCHMARKS.md: offered to this annotator they lowered CLARIFY on the demo). Up to ``phrases_per_class`` phrases per class: each follow-up is chosen the same
     way on the class's images that the earlier phrases leave uncovered (:func:`uncovered`). A class stops when its best phrase scores 0
     (``best``) or nothing uncovered is left."""
     rng = np.random.default_rng(seed)
     positive = list(dict.fromkeys(c for c in candidates if absent_part(c) is None))
-    candidates = with_absences(positive)
+    candidates = positive
     found: list[Annotation] = []
     for name in dict.fromkeys(row["class_name"] for row in val_rows):
         mine = [(r, p) for r, p in zip(val_rows, preds) if r["class_name"] == name]
@@ -311,8 +311,11 @@ def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candida
 def refine(start: tuple[str, float, float], val_rows: Sequence[Row], preds: Sequence[int], class_name: str,
            candidates: Sequence[str], similarity, max_terms: int = MAX_TERMS) -> tuple[str, float, float]:
     """What a person at the prompt does: type a phrase, read its score, add another word ("water, lake") while the
-    score goes up. Greedy: the candidate whose addition raises the error score most, up to ``max_terms`` terms."""
+    score goes up. Greedy: the candidate whose addition raises the error score most, up to ``max_terms`` terms.
+    An absence ("no sled") is kept as it is: "no sled, snow" would mean neither a sled nor snow."""
     best = start
+    if absent_part(start[0]) is not None:
+        return start
     for _ in range(max_terms - 1):
         used = set(best[0].split(", "))
         longer = [f"{best[0]}, {c}" for c in candidates if c not in used]
@@ -389,8 +392,6 @@ class CLARIFYTrainer(Trainer):
         reference_model / reference_model_path: the model whose errors were annotated (default: ERM on the train rows).
         c_grid: inverse L2 strengths of the last layer, chosen on the validation slices.
     """
-
-    VERSION = 2  # 2: absences ("no sled") among the simulated annotator's candidates
 
     def __init__(self, annotations: str | None = None, annotator: Literal["file", "simulated", "random"] = "file",
                  candidates: Sequence[str] = (), similarity: str = "caption-bow", clip_model: str | None = None,
