@@ -4,9 +4,10 @@ scratch and on the synthetic-pretrain backbone, with the controls of the same an
 Usage: .venv/bin/python bench/correction_methods.py [--root DIR] [--draws d01_demo,d03_four_classes]
        [--seeds 0,1,2] [--backbones pretrained,scratch] [--arms erm,dfr,...]
 
-Per draw (``configs/suite/``, the demo's settings) and backbone, ``aspire run`` goes as far as the extract stage
-(the reference ERM model and the extracted phrases that CLARIFY's simulated annotator chooses from), then
-``aspire train`` runs each arm on the original training set over the seeds:
+Per draw (``configs/suite/``, the demo's settings), backbone and seed s, ``aspire run`` with ``classifier.seed=s``
+goes as far as the extract stage (the reference ERM model, a different one per seed, and the extracted phrases that
+CLARIFY's simulated annotator chooses from), then ``aspire train`` runs each arm with seed s on the original
+training set:
 
 - ``erm``, ``jtt``, ``dfr`` (the run's ERM model as backbone), ``groupdro`` (true group labels, the upper reference);
 - ``clarify``: the simulated annotator (per class the extracted phrase with the best error score), last layer;
@@ -55,17 +56,19 @@ def run(draws: list[Path], seeds: list[int], backbones: list[str], root: Path, a
     for draw in draws:
         config_path = draw_config(draw, root)
         for backbone in backbones:
-            overrides = [*BACKBONES[backbone], *COMMON]
-            start = time.perf_counter()
-            aspire_flow(config_path=str(config_path), overrides=overrides, until="extract")
-            print(f"{draw.stem}/{backbone}: reference model and extraction in {time.perf_counter() - start:.0f} s", flush=True)
             for seed in seeds:  # seed-major: a shortened run still has every arm of the first seeds
-                for arm, (method, extra) in ARMS.items():
-                    if arm not in arms or (backbone == "scratch" and arm not in SCRATCH_ARMS):
-                        continue
+                todo = [arm for arm in ARMS if arm in arms and (backbone != "scratch" or arm in SCRATCH_ARMS)
+                        and f"{draw.stem}/{backbone}/{arm}/{seed}" not in results]
+                if not todo:
+                    continue
+                overrides = [*BACKBONES[backbone], *COMMON, f"classifier.seed={seed}"]  # the reference model varies too
+                start = time.perf_counter()
+                aspire_flow(config_path=str(config_path), overrides=overrides, until="extract")
+                print(f"{draw.stem}/{backbone}/seed {seed}: reference model and extraction in "
+                      f"{time.perf_counter() - start:.0f} s", flush=True)
+                for arm in todo:
+                    method, extra = ARMS[arm]
                     key = f"{draw.stem}/{backbone}/{arm}/{seed}"
-                    if key in results:
-                        continue
                     start = time.perf_counter()
                     lines = train_flow(config_path=str(config_path), overrides=[*overrides, *extra], methods=[method],
                                        seeds=[seed])
