@@ -208,7 +208,8 @@ def write_annotations(path: Path, annotations: Sequence[Annotation], note: str =
     entries = [{"class": a.class_name, "phrase": a.phrase, "tau": round(float(a.tau), 6),
                 "error_score": None if a.error_score is None else round(float(a.error_score), 4)} for a in annotations]
     header = ("# CLARIFY annotations: per class, 'the model is often wrong on images that have <phrase>'.\n"
-              "# tau: similarity above which an image counts as having it. Edit by hand or with `aspire clarify`.\n")
+              "# tau: similarity above which an image counts as having it ('no X': minus the similarity to X).\n"
+              "# A class may have several phrases (follow-ups). Edit by hand or with `aspire clarify`.\n")
     path.write_text(header + (f"# {note}\n" if note else "") + yaml.safe_dump({"annotations": entries}, sort_keys=False))
 
 
