@@ -23,8 +23,7 @@ from aspire.cache import StageStore, file_digest, stage_key
 from aspire.config import ClassifierConfig, RunConfig, load_config
 from aspire.manifest import Row, digest
 from aspire.report import attach_robust, render_robust
-from aspire.robust import TRAINERS, evaluate, make_trainer
-from aspire.robust.base import result_salt
+from aspire.robust import evaluate, make_trainer
 from flows.keys import chain
 from flows.running import artifact_key
 from flows.runtime import project_logging
@@ -104,8 +103,7 @@ def train_task(store: StageStore, method: str, seed: int, data: str, rows: list[
     name = f"{method}-seed{seed}-{data}-{digest(trainer_args)[:8]}"  # each setting its own part: controls coexist
     annotations = Path(trainer_args.get("annotations") or "")
     edited = file_digest(annotations) if trainer_args.get("annotator") == "file" and annotations.is_file() else None
-    salt = result_salt(TRAINERS[method])
-    store.ensure_part(name, write, digest([trainer_args, digest(rows), edited, *salt]), checked_files=(RESULT,))
+    store.ensure_part(name, write, digest([trainer_args, digest(rows), edited]), checked_files=(RESULT,))
     return json.loads((store.part_dir(name) / RESULT).read_text())
 
 

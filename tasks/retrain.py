@@ -141,9 +141,5 @@ def robust_task(store: StageStore, rows: list[Row], config: ClassifierConfig, me
         write_jsonl(predicted, tmp / PREDICTIONS)
         return {"method": method, "predicted": len(predicted)}
 
-    from aspire.robust import TRAINERS
-    from aspire.robust.base import result_salt
-
-    salt = result_salt(TRAINERS[method])
-    store.ensure_part(ROBUST_PART, write, digest([method, trainer_args, digest(rows), *salt]), (PREDICTIONS,))
+    store.ensure_part(ROBUST_PART, write, digest([method, trainer_args, digest(rows)]), (PREDICTIONS,))
     return read_jsonl(store.part_dir(ROBUST_PART) / PREDICTIONS)

@@ -286,12 +286,3 @@ def test_dfr_half_split_of_single_row_groups_leaves_an_empty_integer_half():
     assert first.dtype.kind == "i" and second.dtype.kind == "i" and len(first) == 2 and len(second) == 1
     first, second = half_split(np.array(["a", "b"]), np.random.default_rng(0))
     assert second.dtype.kind == "i" and len(second) == 0  # usable as an index: C is then not tuned
-
-
-def test_a_trainer_version_above_one_keys_its_committed_results():
-    from aspire.robust.base import result_salt
-
-    class Changed(TRAINERS["erm"]):
-        VERSION = 2
-
-    assert result_salt(TRAINERS["erm"]) == [] and result_salt(Changed) == [2]  # version 1 keeps the old keys

@@ -46,9 +46,6 @@ class TrainResult:
 class Trainer(ABC):
     """A robust training method: ``train(train_rows, val_rows, config, seed) -> TrainResult``."""
 
-    VERSION = 1
-    """Raise it when a change alters the method's results: committed results are keyed by it (:func:`result_salt`)."""
-
     @abstractmethod
     def train(self, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int) -> TrainResult:
         """Train on ``train_rows``, select on ``val_rows`` (may be empty: the last epoch is kept)."""
@@ -69,9 +66,3 @@ def num_classes(*row_lists: Sequence[Row]) -> int:
     return 1 + max(int(row["label"]) for rows in row_lists for row in rows)
 
 
-
-
-def result_salt(trainer: type[Trainer]) -> list[int]:
-    """What a committed result of ``trainer`` is keyed by beside its arguments and rows: its ``VERSION`` when above 1
-    (nothing for version 1, so results committed before versions existed stay valid)."""
-    return [trainer.VERSION] if trainer.VERSION > 1 else []

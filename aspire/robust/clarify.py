@@ -278,13 +278,13 @@ def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candida
                           ) -> list[Annotation]:
     """The simulated annotator: per class with errors, the best-scoring candidate phrase refined as a person would
     (:func:`refine`; ``pick: best``), or one random candidate (``random``: the control of the same budget); tau by
-    the score. The candidates are the given phrases (the issue's annotator: the extract stage's phrases); absences
-    ("no sled") are left to the person (BENCHMARKS.md: offered to this annotator they lowered CLARIFY on the demo). Up to ``phrases_per_class`` phrases per class: each follow-up is chosen the same
-    way on the class's images that the earlier phrases leave uncovered (:func:`uncovered`). A class stops when its best phrase scores 0
-    (``best``) or nothing uncovered is left."""
+    the score. The candidates are the given phrases (the extract stage's); absences ("no sled") are left to the
+    person (BENCHMARKS.md: offered to this annotator they lowered CLARIFY on the demo). Up to ``phrases_per_class``
+    phrases per class: each follow-up is chosen the same way on the class's images that the earlier phrases leave
+    uncovered (:func:`uncovered`). A class stops when its best phrase scores 0 (``best``) or nothing uncovered is
+    left."""
     rng = np.random.default_rng(seed)
-    positive = list(dict.fromkeys(c for c in candidates if absent_part(c) is None))
-    candidates = positive
+    candidates = list(dict.fromkeys(c for c in candidates if absent_part(c) is None))
     found: list[Annotation] = []
     for name in dict.fromkeys(row["class_name"] for row in val_rows):
         mine = [(r, p) for r, p in zip(val_rows, preds) if r["class_name"] == name]
@@ -298,13 +298,11 @@ def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candida
                 choice = scored[int(rng.integers(len(scored)))]
             else:
                 choice = refine(max(scored, key=lambda s: s[1]), rows, class_preds, name,
-                                [c for c in positive if c not in used], similarity)
+                                [c for c in candidates if c not in used], similarity)
                 if choice[1] <= 0:
                     break
             found.append(Annotation(name, choice[0], choice[2], choice[1]))
-            for term in choice[0].split(", "):
-                core = absent_part(term) or term
-                used.update((core, f"no {core}"))
+            used.update(choice[0].split(", "))
             rows, class_preds = uncovered(rows, class_preds, [found[-1]], similarity)
     return found
 
@@ -312,11 +310,8 @@ def simulated_annotations(val_rows: Sequence[Row], preds: Sequence[int], candida
 def refine(start: tuple[str, float, float], val_rows: Sequence[Row], preds: Sequence[int], class_name: str,
            candidates: Sequence[str], similarity, max_terms: int = MAX_TERMS) -> tuple[str, float, float]:
     """What a person at the prompt does: type a phrase, read its score, add another word ("water, lake") while the
-    score goes up. Greedy: the candidate whose addition raises the error score most, up to ``max_terms`` terms.
-    An absence ("no sled") is kept as it is: "no sled, snow" would mean neither a sled nor snow."""
+    score goes up. Greedy: the candidate whose addition raises the error score most, up to ``max_terms`` terms."""
     best = start
-    if absent_part(start[0]) is not None:
-        return start
     for _ in range(max_terms - 1):
         used = set(best[0].split(", "))
         longer = [f"{best[0]}, {c}" for c in candidates if c not in used]
