@@ -3,6 +3,7 @@ image grid of originals beside their prediction-flipping edits."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -391,3 +392,35 @@ def attach_robust(workdir: Path, robust: dict[str, Any]) -> None:
 def figure_files(workdir: Path) -> dict[str, str]:
     """The figures written for this report (file names relative to ``workdir``, as report.md links them)."""
     return {key: name for key, name in FIGURES.items() if (Path(workdir) / name).is_file()}
+
+
+INLINE_BUDGET = 900_000  # bytes of PNG in all: base64 (4/3) keeps the artifact under Prefect's 1.5 MB event limit
+
+
+def inline_figures(workdir: Path, budget: int = INLINE_BUDGET) -> dict[str, str]:
+    """The report's figures as ``data:`` URIs, which the Prefect UI's markdown renders inline (a file path would
+    point at the machine that ran the flow).
+
+    Prefect refuses to publish an artifact event over 1.5 MB of JSON (the UI still shows the artifact, but the
+    event and any automation on it are lost), and the edit grid of a run with many classes is over 1 MB of PNG.
+    So each figure gets an equal share of ``budget``; one over its share is sent as a JPEG (quality 85), scaled
+    down by 0.8 in width and height until it fits. The files on disk (linked from report.md) stay as written.
+    """
+    names = figure_files(workdir)
+    share = budget // max(1, len(names))
+    uris = {}
+    for key, name in names.items():
+        data, kind = (Path(workdir) / name).read_bytes(), "png"
+        if len(data) > share:
+            with Image.open(Path(workdir) / name) as image:
+                image, kind, scale = image.convert("RGB"), "jpeg", 1.0
+                while True:
+                    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                    buffer = io.BytesIO()
+                    image.resize(size, Image.LANCZOS).save(buffer, format="JPEG", quality=85)
+                    data = buffer.getvalue()
+                    if len(data) <= share or min(size) <= 32:
+                        break
+                    scale *= 0.8
+        uris[key] = f"data:image/{kind};base64,{base64.b64encode(data).decode()}"
+    return uris

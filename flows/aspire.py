@@ -7,7 +7,6 @@ generate -> export -> retrain. Keys (:mod:`flows.keys`) chain by content, so rer
 
 from __future__ import annotations
 
-import base64
 import shutil
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from aspire.cache import StageStore, file_lock, retry_pending
 from aspire.config import RunConfig, load_config
 from aspire.manifest import Row, digest
-from aspire.report import figure_files, render_markdown, write_report
+from aspire.report import inline_figures, render_markdown, write_report
 from aspire.synth import draw_background_bank, draw_benchmark
 from flows.keys import STAGES, chain
 from flows.preflight import preflight
@@ -84,16 +83,9 @@ def aspire_flow(config_path: str, overrides: list[str] | None = None, until: str
             if name == "generate":  # held-out originals, edits and generated images: the report's grid
                 edit_rows = rows
     report = write_report(config.workdir, summaries, edit_rows)
-    create_markdown_artifact(render_markdown(report, report_images(config.workdir)), key=artifact_key(config, "report"),
+    create_markdown_artifact(render_markdown(report, inline_figures(config.workdir)), key=artifact_key(config, "report"),
                              description="ASPIRE run report")
     return report
-
-
-def report_images(workdir: Path) -> dict[str, str]:
-    """The report's figures as ``data:`` URIs, which the Prefect UI's markdown renders inline (a file path would
-    point at the machine that ran the flow)."""
-    return {key: f"data:image/png;base64,{base64.b64encode((workdir / name).read_bytes()).decode()}"
-            for key, name in figure_files(workdir).items()}
 
 
 def committed_report(config: RunConfig, until: str = STAGES[-1], listing: list[Row] | None = None) -> dict | None:

@@ -1,8 +1,13 @@
 """The run report: groups that got worse after augmentation, and classes with no spurious feature claimed."""
 
+import base64
+import io
 import json
 
-from aspire.report import build_report, render_markdown, worse_groups
+import numpy as np
+from PIL import Image
+
+from aspire.report import FIGURES, build_report, inline_figures, render_markdown, worse_groups
 
 
 def evaluation(per_group: dict[str, float]) -> dict:
@@ -128,3 +133,19 @@ def test_each_erm_row_names_its_selection_rule():
             "method": "erm", "data": "original"}
     robust = "\n".join(render_robust({"grouping": {"original": {"groups": "labels"}}, "lines": [line]}))
     assert "Model selection: ERM: the epoch with the best worst-group validation accuracy" in robust
+
+
+def test_figures_inlined_for_the_ui_fit_prefects_event_limit_and_the_files_keep_their_size(tmp_path):
+    # noise does not compress: a 1200 px grid is ~4 MB of PNG, as the edit grid of a many-class run can be
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (1200, 1200, 3), dtype=np.uint8)).save(tmp_path / FIGURES["grid"])
+    Image.fromarray(np.full((200, 300, 3), 255, dtype=np.uint8)).save(tmp_path / FIGURES["chart"])
+    size = (tmp_path / FIGURES["grid"]).stat().st_size
+    uris = inline_figures(tmp_path, budget=600_000)
+    assert set(uris) == {"grid", "chart"}
+    decoded = {key: base64.b64decode(uri.split(",", 1)[1]) for key, uri in uris.items()}
+    assert len(decoded["grid"]) <= 300_000 < size == (tmp_path / FIGURES["grid"]).stat().st_size
+    assert decoded["chart"] == (tmp_path / FIGURES["chart"]).read_bytes()  # under its share: as written
+    with Image.open(io.BytesIO(decoded["grid"])) as small:
+        assert small.format == "JPEG" and small.width < 1200 and small.width == small.height  # smaller, same aspect
+    assert sum(len(uri) for uri in uris.values()) < 1_500_000
