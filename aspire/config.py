@@ -299,6 +299,12 @@ class GenerateConfig(Section):
         "background.bank image instead of its exemplar's own scene (a changed-background exemplar always takes a bank "
         "scene). 0: imitate the exemplars, as a token learned from them does; above 0, contexts vary whatever was "
         "discovered (an ablation: at 0.5 the no-discovery control matched ASPIRE on the demo, BENCHMARKS.md).")
+    avoid_backgrounds: bool = Field(
+        True, description="composite: an exemplar whose own background (the extract stage's phrase) names one of "
+        "the class's spurious phrases takes a uniformly drawn background.bank scene, as its spurious objects are "
+        "never pasted (the stand-in of generate.clip_filter, which drops generations still showing a spurious "
+        "phrase). false: keep that scene (an ablation: a class with an object and a background feature then keeps "
+        "its spurious background in every object-removal exemplar).")
     carry_objects: float = Field(
         1.0, ge=0, le=1, description="composite: probability that a generated image shows its exemplar's other "
         "foreground objects (those not among the class's spurious phrases) beside the core object. 1: imitate the "

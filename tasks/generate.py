@@ -160,7 +160,9 @@ class CompositeGenerator:
     (a changed background) teaches that the background varies, so its scene is a uniformly drawn bank background
     whenever a bank is configured: the background an edit happened to flip on (often one the classifier ties to
     another class) is not copied into the class's images, which would make that background a new shortcut against
-    the other class; the bank is the same for every class. ``generate.context_prior`` above 0 draws a bank scene
+    the other class; the bank is the same for every class. So does an exemplar whose own background names one of
+    the class's spurious phrases (``generate.avoid_backgrounds``: an object-removal edit still shows the spurious
+    background, which is not pasted either). ``generate.context_prior`` above 0 draws a bank scene
     for any exemplar with that probability (an ablation: contexts then vary whatever was discovered). Nothing is
     forbidden (the class's usual background is one of the scenes) and a spurious object is never pasted."""
 
@@ -197,9 +199,10 @@ class CompositeGenerator:
             layers = [_layer(image, core_mask), _layer(image, layer_mask)]
             if layers[0] is None:
                 continue
+            spurious_scene = self.config.avoid_backgrounds and similar_to_any(row.get("background") or "", avoid)
             learned.append({"scene": scene, "core": layers[0], "layer": layers[1],
                             "group": row["learn_group"],
-                            "scene_varies": row.get("edit") == "edit-background"})
+                            "scene_varies": row.get("edit") == "edit-background" or spurious_scene})
         return learned
 
     def generate(self, job: Row, learned: list[dict], size: int) -> Image.Image | str:

@@ -31,7 +31,8 @@ def manifest(tmp_path: Path) -> list[dict]:
     """One held-out original (class 'a' on blue beside a red ball) and its two edits: the ball removed (kept,
     group 0), the background turned green (kept, group 1, the ball still there), and an edit that did not flip."""
     original = {"image_id": "o", "path": image(tmp_path / "o.png", BLUE, True), "label": 0, "class_name": "a",
-                "split": "train", "source": "original", "boxes": BOXES, "holdout": True, "foreground": ["red ball"]}
+                "split": "train", "source": "original", "boxes": BOXES, "holdout": True, "foreground": ["red ball"],
+                "background": "blue lake"}
 
     def edit(kind, background, ball, group, kept=True):
         return {"image_id": f"o::{kind}::0", "source_image_id": "o", "path": image(tmp_path / f"{kind}.png", background, ball),
@@ -45,21 +46,23 @@ def manifest(tmp_path: Path) -> list[dict]:
 def bank(tmp_path: Path) -> Path:
     root = tmp_path / "bank"
     for name, colour in (("sand", SAND), ("snow", SNOW)):
-        (root / name).mkdir(parents=True)
+        (root / name).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 32), colour).save(root / name / "0.png")
     return root
 
 
-def generate(tmp_path: Path, learn_from: str, n: int = 40, prior: float = 0.0, carry: float = 1.0) -> list[np.ndarray]:
+def generate(tmp_path: Path, learn_from: str, n: int = 40, prior: float = 0.0, carry: float = 1.0,
+             spurious=(("ball",), ("green",)), avoid_backgrounds: bool = True) -> list[np.ndarray]:
     rows = manifest(tmp_path)
     config = GenerateConfig(backend="composite", learn_from=learn_from, object_scale=(1.0, 1.0), context_prior=prior,
-                            carry_objects=carry)
+                            carry_objects=carry, avoid_backgrounds=avoid_backgrounds)
     generator = CompositeGenerator(config, AnnotationsGrounder(), BoxSegmenter(), OpenCVInpainter(REMOVE), 3,
                                    bank(tmp_path))
     jobs = plan_jobs({"a": n}, {"a": 0}, seed=0)
-    out = tmp_path / f"{learn_from}-{prior}-{carry}"
+    out = tmp_path / f"{learn_from}-{prior}-{carry}-{len(spurious)}-{avoid_backgrounds}"
     out.mkdir()
-    result = run_generate_composite(jobs, generator, generator_exemplars(rows, learn_from, min_images=1), {"a": [["ball"], ["blue"]]}, out)
+    result = run_generate_composite(jobs, generator, generator_exemplars(rows, learn_from, min_images=1),
+                                    {"a": [list(group) for group in spurious]}, out)
     assert len(result.rows) == n and not result.quarantine
     return [np.asarray(Image.open(r["path"])).astype(int) for r in result.rows]
 
@@ -89,6 +92,18 @@ def test_scenes_come_from_every_group_and_the_spurious_object_is_never_pasted(tm
     assert max(fraction(im, RED) for im in images) == 0.0  # the ball (spurious) is never pasted
     assert min(fraction(im, CORE) for im in images) > 0.03  # every image shows the core object
     assert len({im.tobytes() for im in images}) > 30  # positions and mirroring vary
+
+
+def test_an_exemplar_on_a_spurious_background_takes_a_bank_scene_unless_the_ablation_keeps_it(tmp_path):
+    # the removal edit still shows the original's "blue lake"; once blue is a spurious feature of the class, that
+    # scene is not copied (as the ball is not pasted): every image is on a bank scene, sand and snow alike
+    images = generate(tmp_path, "kept-edits", spurious=(("ball",), ("blue water",)))
+    assert max(fraction(im, BLUE) for im in images) == 0.0
+    on_sand = sum(fraction(im, SAND) > 0.5 for im in images)
+    assert 10 <= on_sand <= 30 and on_sand + sum(fraction(im, SNOW) > 0.5 for im in images) == len(images)
+    assert max(fraction(im, RED) for im in images) == 0.0 and min(fraction(im, CORE) for im in images) > 0.03
+    kept = generate(tmp_path, "kept-edits", spurious=(("ball",), ("blue water",)), avoid_backgrounds=False)
+    assert 10 <= sum(fraction(im, BLUE) > 0.5 for im in kept) <= 30  # the ablation: as the exemplar shows it
 
 
 def test_without_discovery_the_generator_avoids_nothing(tmp_path):
