@@ -25,7 +25,7 @@ FIGURES = {"grid": GRID_FILE, "chart": CHART_FILE, "top_k": TOP_K_FILE}
 def _accuracy_block(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     if not evaluation:
         return None
-    return {k: evaluation[k] for k in ("avg_acc", "worst_group_acc", "worst_group", "per_group", "n")}
+    return {k: evaluation.get(k) for k in ("avg_acc", "worst_group_acc", "worst_group", "per_group", "n", "group_sizes")}
 
 
 def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -72,11 +72,20 @@ opened a new shortcut."""
 
 
 def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, list[float]]:
-    """Test groups whose accuracy fell by more than :data:`WORSE_BY`: ``{group: [before, after]}``."""
+    """Test groups whose accuracy fell by more than :data:`WORSE_BY`: ``{group: [before, after, images]}``, images
+    being the group's test images (None when the evaluation has no ``group_sizes``): in a group of 20, one image
+    is 5 points, so a drop of one or two images is within what another seed changes."""
     if not before or not after:
         return {}
-    return {g: [a, after["per_group"][g]] for g, a in before["per_group"].items()
+    sizes = before.get("group_sizes") or {}
+    return {g: [a, after["per_group"][g], sizes.get(g)] for g, a in before["per_group"].items()
             if g in after["per_group"] and after["per_group"][g] < a - WORSE_BY}
+
+
+def worse_text(worse: dict[str, list]) -> str:
+    """``group before -> after (n images)`` for each worse group, comma-separated ("none" when empty)."""
+    return ", ".join(f"{g} {_pct(v[0])} -> {_pct(v[1])}" + (f" ({v[2]} images)" if len(v) > 2 and v[2] else "")
+                     for g, v in worse.items()) or "none"
 
 
 def _pct(x: float | None) -> str:
@@ -143,7 +152,7 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         lines += [f"| {_cell(g)} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
         worse = report.get("worse_groups") or {}
         lines += ["", f"Groups more than {100 * WORSE_BY:.0f} points worse after augmentation (a new shortcut?): "
-                  + (", ".join(f"{g} {_pct(b)} -> {_pct(a)}" for g, (b, a) in worse.items()) or "none")]
+                  + worse_text(worse)]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("top_k") is not None:

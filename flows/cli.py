@@ -114,6 +114,8 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
 
 
 def _print_summary(report: dict, workdir: Path) -> None:
+    from aspire.report import worse_text
+
     for when in ("before", "after"):
         block = report.get(when)
         if block:
@@ -129,8 +131,7 @@ def _print_summary(report: dict, workdir: Path) -> None:
         typer.echo(f"no spurious feature found for {name} ({report.get('spurious_rule')})")
     worse = report.get("worse_groups") or {}
     if worse:
-        typer.echo("groups more than 5 points worse after augmentation: "
-                   + ", ".join(f"{g} {b:.2f} -> {a:.2f}" for g, (b, a) in worse.items()))
+        typer.echo(f"groups more than 5 points worse after augmentation: {worse_text(worse)}")
     if report["quarantine"]:
         stages = Counter(q.get("stage", "?") for q in report["quarantine"])
         typer.echo(f"quarantined {len(report['quarantine'])} images ("

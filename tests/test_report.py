@@ -13,13 +13,14 @@ from aspire.report import FIGURES, build_report, inline_figures, render_markdown
 def evaluation(per_group: dict[str, float]) -> dict:
     worst = min(per_group, key=per_group.get)
     return {"avg_acc": sum(per_group.values()) / len(per_group), "worst_group_acc": per_group[worst],
-            "worst_group": worst, "per_group": per_group, "n": 10 * len(per_group)}
+            "worst_group": worst, "per_group": per_group, "n": 10 * len(per_group),
+            "group_sizes": {g: 10 for g in per_group}}
 
 
 def test_groups_more_than_five_points_worse_are_listed():
     before = evaluation({"cat/grass": 1.0, "cat/sofa": 0.2, "fox/grass": 0.9})
     after = evaluation({"cat/grass": 0.94, "cat/sofa": 0.9, "fox/grass": 0.86})
-    assert worse_groups(before, after) == {"cat/grass": [1.0, 0.94]}  # 6 points; fox's 4 points are not
+    assert worse_groups(before, after) == {"cat/grass": [1.0, 0.94, 10]}  # 6 points; fox's 4 points are not
     assert worse_groups(before, None) == {}
 
 
@@ -33,11 +34,11 @@ def test_report_shows_the_rule_flip_rates_and_the_classes_without_a_feature():
     before = evaluation({"cat/grass": 1.0, "fox/grass": 0.9})
     after = evaluation({"cat/grass": 0.5, "fox/grass": 0.9})
     report = build_report({"holdout": {"before": {"test": before}}, "collapse": collapse, "retrain": {"after": {"test": after}}})
-    assert report["worse_groups"] == {"cat/grass": [1.0, 0.5]} and report["no_spurious_found"] == ["fox"]
+    assert report["worse_groups"] == {"cat/grass": [1.0, 0.5, 10]} and report["no_spurious_found"] == ["fox"]
     text = render_markdown(report)
     assert "Rule: RULE" in text and "| cat | 1 | 12 / 40 | 30.0% | 80.0% / 10.0% | yes | ball |" in text
     assert "| cat | 2 | 6 / 200 | 3.0% | n/a / n/a | no | grass |" in text
-    assert "**fox: no spurious feature found**" in text and "cat/grass 100.0% -> 50.0%" in text
+    assert "**fox: no spurious feature found**" in text and "cat/grass 100.0% -> 50.0% (10 images)" in text
 
 
 def test_tables_keep_their_cells_when_group_names_hold_pipes():
