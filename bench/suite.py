@@ -116,15 +116,22 @@ def fresh_draw(seed: int, taken: set[str]) -> dict:
 
 
 def write_fresh_draws(count: int, seed: int, root: Path) -> list[Path]:
-    """``count`` fresh draws (see :func:`fresh_draw`) as draw files under ``root/fresh-<seed>/``."""
+    """``count`` fresh draws (see :func:`fresh_draw`) as draw files under ``root/fresh-<seed>/``.
+
+    A draw file already there is kept: the names a draw may use depend on the repository's words at the time, and
+    once a draw's results (and so its names) are written into BENCHMARKS.md the same seed draws something else, so
+    a rerun on the same root must read the file, not draw again."""
     folder = root / f"fresh-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     taken = repository_words()
     paths = []
     for i in range(count):
+        path = folder / f"f{seed}_{i:02d}.yaml"
+        if path.is_file():
+            paths.append(path)
+            continue
         synth = fresh_draw(seed * 1000 + i, taken)
         SynthConfig.model_validate(synth)  # a draw that does not validate is a bug here, not a result
-        path = folder / f"f{seed}_{i:02d}.yaml"
         path.write_text(f"# fresh draw {i} of --fresh-seed {seed}: {len(synth['classes'])} classes, strength "
                         f"{synth['background_strength']}, {synth['image_size']} px\n" + yaml.safe_dump({"synth": synth}, sort_keys=False))
         paths.append(path)
