@@ -302,7 +302,7 @@ class GenerateConfig(Section):
     avoid_backgrounds: bool = Field(
         True, description="composite: an exemplar whose own background (the extract stage's phrase) names one of "
         "the class's spurious phrases takes a uniformly drawn background.bank scene, as its spurious objects are "
-        "never pasted (the stand-in of generate.clip_filter, which drops generations still showing a spurious "
+        "never pasted (the analogue of generate.clip_filter, which drops generations still showing a spurious "
         "phrase). false: keep that scene (an ablation: a class with an object and a background feature then keeps "
         "its spurious background in every object-removal exemplar).")
     carry_objects: float = Field(
