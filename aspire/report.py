@@ -25,7 +25,8 @@ FIGURES = {"grid": GRID_FILE, "chart": CHART_FILE, "top_k": TOP_K_FILE}
 def _accuracy_block(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     if not evaluation:
         return None
-    return {k: evaluation.get(k) for k in ("avg_acc", "worst_group_acc", "worst_group", "per_group", "n", "group_sizes")}
+    block = {k: evaluation[k] for k in ("avg_acc", "worst_group_acc", "worst_group", "per_group", "n")}
+    return {**block, "group_sizes": evaluation.get("group_sizes")}  # optional: a summary without it still renders
 
 
 def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -84,8 +85,8 @@ def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
 
 def worse_text(worse: dict[str, list]) -> str:
     """``group before -> after (n images)`` for each worse group, comma-separated ("none" when empty)."""
-    return ", ".join(f"{g} {_pct(v[0])} -> {_pct(v[1])}" + (f" ({v[2]} images)" if len(v) > 2 and v[2] else "")
-                     for g, v in worse.items()) or "none"
+    return ", ".join(f"{g} {_pct(b)} -> {_pct(a)}" + (f" ({n} images)" if n else "")
+                     for g, (b, a, n) in worse.items()) or "none"
 
 
 def _pct(x: float | None) -> str:
@@ -419,9 +420,10 @@ def inline_figures(workdir: Path, budget: int = INLINE_BUDGET) -> dict[str, str]
     share = budget // max(1, len(names))
     uris = {}
     for key, name in names.items():
-        data, kind = (Path(workdir) / name).read_bytes(), "png"
+        path = Path(workdir) / name
+        data, kind = path.read_bytes(), "png"
         if len(data) > share:
-            with Image.open(Path(workdir) / name) as image:
+            with Image.open(path) as image:
                 image, kind, scale = image.convert("RGB"), "jpeg", 1.0
                 while True:
                     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
