@@ -596,3 +596,48 @@ def test_nothing_claimed_in_any_class_generates_nothing_but_the_control_still_do
     assert generated["generated"] == 0 and generated["skipped"] == {c: NOTHING_CLAIMED for c in ("bird", "car", "dog")}
     control = run(run_config, "collapse.min_flips=100000", "generate.learn_from=held-out")
     assert control["counts"]["generated"] > 0
+
+
+def test_stage_task_runs_keep_their_own_tags_and_progress_advances_without_a_terminal(tmp_path, monkeypatch):
+    """The run's labels stay on the flow runs (each tagged task run costs two concurrency API calls), a task's own
+    tag stays on it; and the stage's progress artifact moves shard by shard when stderr is not a terminal (a disabled
+    tqdm bar does not count)."""
+    from prefect import flow, tags, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+    from prefect.context import get_run_context
+
+    import flows.running as running
+    from aspire.cache import ShardResult, StageStore
+    from flows.runtime import make_task_runner
+    from aspire.config import RunnerConfig
+
+    @task(name="tagged-shard", tags=["own-tag"])
+    def shard(store, index, rows):
+        return store.ensure_shard(index, rows, lambda part, _: ShardResult(part, [], {}))
+
+    progress: list[float] = []
+    real_update = running.update_progress_artifact
+    monkeypatch.setattr(running, "update_progress_artifact", lambda a, p: (progress.append(p), real_update(a, p)))
+    monkeypatch.setattr(running, "PROGRESS_EVERY_S", 0.0)
+    store = StageStore(tmp_path / "run", "tagged", "k1")
+    rows = [{"image_id": f"img{i}"} for i in range(6)]
+
+    @flow(name="tags-outer")
+    def outer():
+        with make_task_runner(RunnerConfig(kind="threads", n_workers=1)) as runner:
+            running.as_stage_flow("tagged", lambda: running.run_shards(runner, store, rows, shard, 2))
+        return get_run_context().flow_run.id
+
+    with tags("run-label"):
+        outer_id = outer()
+    with get_client(sync_client=True) as client:
+        outer_run = client.read_flow_run(outer_id)
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [outer_id]}),
+                                         sort=FlowRunSort.ID_DESC, limit=10)
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[s.id for s in subflows])),
+                                          sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=10)
+    assert "run-label" in outer_run.tags and all("run-label" in s.tags for s in subflows)
+    assert len(task_runs) == 3 and all(set(t.tags) == {"own-tag"} for t in task_runs)
+    assert progress[:-1] == pytest.approx([100 / 3, 200 / 3, 100.0]) and progress[-1] == 100.0
