@@ -1,7 +1,8 @@
 """The benchmark suite: ASPIRE and its controls on every draw of ``configs/suite/``.
 
 Usage: .venv/bin/python bench/suite.py [--root DIR] [--draws d01_demo,n01_no_correlation] [--seeds 0,1,2]
-       [--ceiling | --ceiling-only] [--set classifier.epochs=18 ...] [--fresh N --fresh-seed S]
+       [--ceiling | --ceiling-only] [--set classifier.epochs=18 ...] [--arms aspire] [--results NAME.json]
+       [--fresh N --fresh-seed S]
 
 Each draw is ``configs/demo.yaml`` (the demo's settings, untouched) with the draw's ``synth`` section. Per draw
 and seed (``generate.seed`` and ``retrain.seed``) three arms are compared on the test split:
@@ -181,6 +182,7 @@ def summarise(report: dict, seconds: float, synth: SynthConfig) -> dict:
         "no_spurious_found": report.get("no_spurious_found"),
         "before": {k: report["before"][k] for k in ("avg_acc", "worst_group_acc")},
         "after": {k: report["after"][k] for k in ("avg_acc", "worst_group_acc")},
+        "after_val": {k: report["after_val"][k] for k in ("avg_acc", "worst_group_acc")} if report.get("after_val") else None,
         "worse_groups": report.get("worse_groups"),
         "edits_kept": report["counts"]["edits_kept"],
         "generated": report["counts"]["generated"],
@@ -276,6 +278,9 @@ def main() -> None:
     parser.add_argument("--ceiling-only", action="store_true", help="only the ceiling runs, no arm")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (e.g. classifier.epochs=18; use its own --root)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run (default: all)")
+    parser.add_argument("--results", default="suite.json",
+                        help="results file under --root (another name keeps an ablation beside the suite's caches)")
     parser.add_argument("--fresh", type=int, default=0, metavar="N",
                         help="run N draws nobody has seen (made-up names, random settings) instead of configs/suite")
     parser.add_argument("--fresh-seed", type=int, default=1, help="seed of the --fresh draws")
@@ -287,11 +292,14 @@ def main() -> None:
         draws = [d for d in draws if d.stem in wanted]
     seeds = [int(s) for s in args.seeds.split(",")]
     prefect_defaults()
-    arms = {} if args.ceiling_only else ARMS
-    results = run_suite(draws, seeds, args.root.resolve(), arms, ceiling=args.ceiling or args.ceiling_only,
-                        sets=tuple(args.set))
+    unknown = set(args.arms.split(",")) - set(ARMS)
+    if unknown:
+        parser.error(f"--arms: unknown {', '.join(sorted(unknown))} (arms: {', '.join(ARMS)})")
+    arms = {} if args.ceiling_only else {a: o for a, o in ARMS.items() if a in args.arms.split(",")}
+    results = run_suite(draws, seeds, args.root.resolve(), arms, results_name=args.results,
+                        ceiling=args.ceiling or args.ceiling_only, sets=tuple(args.set))
     text = ceiling_table(results, draws) if args.ceiling_only else table(results, draws, seeds)
-    (args.root / "suite.md").write_text(text)
+    (args.root / Path(args.results).with_suffix(".md")).write_text(text)
     print(text)
 
 
