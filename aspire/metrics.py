@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from math import comb
 from typing import Iterable
 
 from aspire.manifest import Row
@@ -57,3 +58,27 @@ def group_accuracy(rows: Iterable[Row], pred_column: str = "pred", train_rows: I
 def _sort_key(name: str) -> tuple[int, int | str]:
     head = name.split(":", 1)[0]
     return (0, int(head)) if head.lstrip("-").isdigit() else (1, name)
+
+
+def paired_changes(before: Iterable[Row], after: Iterable[Row], split: str = "test") -> dict[str, list[int]]:
+    """Per group of ``split``, the images two models disagree on, paired by ``image_id``: ``{group: [lost,
+    gained]}``, lost = right before and wrong after, gained = the reverse (images only one model predicted are
+    left out)."""
+    right_before = {r["image_id"]: r["pred"] == r["label"] for r in before if r["split"] == split}
+    changes: dict[str, list[int]] = {}
+    for row in after:
+        if row["split"] != split or row["image_id"] not in right_before:
+            continue
+        lost_gained = changes.setdefault(group_name(row), [0, 0])
+        was, now = right_before[row["image_id"]], row["pred"] == row["label"]
+        lost_gained[0] += was and not now
+        lost_gained[1] += now and not was
+    return changes
+
+
+def chance_of_losing(lost: int, gained: int) -> float:
+    """McNemar's exact test, one-sided: the chance that a model no worse than the other loses at least ``lost`` of
+    the ``lost + gained`` images the two disagree on (each disagreement a fair coin). Small: the group really got
+    worse; 8 lost and 0 gained gives 0.004, 3 lost and 0 gained 0.125 (a 20-image group 15 points down)."""
+    n = lost + gained
+    return sum(comb(n, k) for k in range(lost, n + 1)) / 2**n

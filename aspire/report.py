@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from aspire.cache import file_lock, write_text_atomic
 from aspire.manifest import Row
+from aspire.metrics import chance_of_losing
 
 STAGE_FIELDS = ("status", "seconds", "cached", "rows_in", "rows_out", "failures")
 GRID_FILE = "edits.png"
@@ -49,7 +50,7 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
     after = summaries.get("retrain", {}).get("after", {})
     return {
-        "worse_groups": worse_groups(before.get("test"), after.get("test")),
+        "worse_groups": worse_groups(before.get("test"), after.get("test"), summaries.get("retrain", {}).get("test_changes")),
         "no_spurious_found": collapse.get("no_spurious_found"),
         "spurious_rule": collapse.get("rule"),
         "stages": {name: {k: s.get(k) for k in STAGE_FIELDS} for name, s in summaries.items()},
@@ -72,21 +73,35 @@ WORSE_BY = 0.05
 opened a new shortcut."""
 
 
-def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, list[float]]:
-    """Test groups whose accuracy fell by more than :data:`WORSE_BY`: ``{group: [before, after, images]}``, images
-    being the group's test images (None when the evaluation has no ``group_sizes``): in a group of 20, one image
-    is 5 points, so a drop of one or two images is within what another seed changes."""
+def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None,
+                 changes: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
+    """Test groups whose accuracy fell by more than :data:`WORSE_BY`: ``{group: {before, after, images, lost,
+    gained, p}}``. ``images``: the group's test images (in a group of 20 one image is 5 points, and a second seed
+    moves one or two). With ``changes`` (:func:`aspire.metrics.paired_changes`): the images the augmented model
+    lost and gained, and ``p``, McNemar's one-sided exact chance of losing that many by luck; None without."""
     if not before or not after:
         return {}
     sizes = before.get("group_sizes") or {}
-    return {g: [a, after["per_group"][g], sizes.get(g)] for g, a in before["per_group"].items()
-            if g in after["per_group"] and after["per_group"][g] < a - WORSE_BY}
+    worse = {}
+    for group, was in before["per_group"].items():
+        now = after["per_group"].get(group)
+        if now is None or now >= was - WORSE_BY:
+            continue
+        lost, gained = (changes or {}).get(group, (None, None))
+        worse[group] = {"before": was, "after": now, "images": sizes.get(group), "lost": lost, "gained": gained,
+                        "p": None if lost is None else round(chance_of_losing(lost, gained), 4)}
+    return worse
 
 
-def worse_text(worse: dict[str, list]) -> str:
-    """``group before -> after (n images)`` for each worse group, comma-separated ("none" when empty)."""
-    return ", ".join(f"{g} {_pct(b)} -> {_pct(a)}" + (f" ({n} images)" if n else "")
-                     for g, (b, a, n) in worse.items()) or "none"
+def worse_text(worse: dict[str, dict[str, Any]]) -> str:
+    """``group before -> after (n images: l lost, g gained, p = ...)`` per worse group, comma-separated ("none")."""
+    parts = []
+    for group, w in worse.items():
+        detail = f"{w['images']} images" if w.get("images") else ""
+        if w.get("p") is not None:
+            detail += (": " if detail else "") + f"{w['lost']} lost, {w['gained']} gained, p = {w['p']:.2g}"
+        parts.append(f"{group} {_pct(w['before'])} -> {_pct(w['after'])}" + (f" ({detail})" if detail else ""))
+    return ", ".join(parts) or "none"
 
 
 def _pct(x: float | None) -> str:
@@ -154,6 +169,12 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         worse = report.get("worse_groups") or {}
         lines += ["", f"Groups more than {100 * WORSE_BY:.0f} points worse after augmentation (a new shortcut?): "
                   + worse_text(worse)]
+        if any(w.get("p") is not None for w in worse.values()):
+            lines += ["", "Lost / gained: the group's test images the augmented model gets wrong that the model "
+                      "before got right, and the reverse. p: the chance of losing at least that many of them if "
+                      "augmentation made the group no worse (McNemar's exact test, one-sided); a drop with p above "
+                      "0.05 is within what chance, such as another seed, makes, and one group in twenty that change "
+                      "reaches p < 0.05 by chance alone."]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("top_k") is not None:

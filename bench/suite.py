@@ -233,7 +233,8 @@ def _mean_std(values: list[float]) -> str:
 
 
 def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
-    """Markdown: per draw, planted features found, worst-group / average test accuracy of (a), (b), (c)."""
+    """Markdown: per draw, planted features found, worst-group / average test accuracy of (a), (b), (c). A worse
+    group marked * lost more of its images than chance makes (p < 0.05 on some seed; :func:`aspire.report.worse_groups`)."""
     lines = ["| draw | planted in top-3 | planted claimed | features claimed | edits kept | worst group (a) none / (b) no discovery / (c) ASPIRE "
              "| average (a) / (b) / (c) | groups > 5 pts worse (c) | ceiling: balanced data, worst / average | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -249,7 +250,9 @@ def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
                             _mean_std([r["after"]["worst_group_acc"] for r in c])])
         avg = " / ".join([_pct(first["before"]["avg_acc"]), _mean_std([r["after"]["avg_acc"] for r in b]),
                           _mean_std([r["after"]["avg_acc"] for r in c])])
-        worse = sorted({g for r in c for g in (r["worse_groups"] or {})})
+        beyond_chance = {g for r in c for g, w in (r["worse_groups"] or {}).items()
+                         if isinstance(w, dict) and w.get("p") is not None and w["p"] < 0.05}
+        worse = [g + "*" * (g in beyond_chance) for g in sorted({g for r in c for g in (r["worse_groups"] or {})})]
         minutes = round(sum(r["minutes"] for r in c + b), 1)
         bound = results.get(f"{draw.stem}/ceiling")
         bound = f"{_pct(bound['worst_group_acc'])} / {_pct(bound['avg_acc'])}" if bound else "not run"

@@ -15,6 +15,7 @@ from prefect.artifacts import create_table_artifact
 from aspire.cache import StageStore
 from aspire.config import DatasetConfig, RunConfig
 from aspire.manifest import Row
+from aspire.metrics import paired_changes
 from aspire.readers import read_dataset
 from aspire.synth import planted_found
 from flows.running import StageFailed, artifact_key, run_shards
@@ -246,7 +247,8 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         predicted = on_gpu(retrain.robust_task, settings.device)(store, quote(rows), settings, config.retrain.method,
                                                                  args)
         summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method, "grouping": grouping,
-                   "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows)}
+                   "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
+                   "test_changes": paired_changes(stores["classifier"].read_rows(), predicted)}
         return predicted, summary, [store.part_ref(retrain.ROBUST_PART)]
     trained = on_gpu(classifier.train_task, settings.device)(store, quote(rows), settings)
     model_digest = trained["files"][classifier.MODEL_FILE]
@@ -255,7 +257,8 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
                                     config.runner.shard_size,
                                     salt=model_digest, model_digest=model_digest)
     summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
-               "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows)}
+               "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
+               "test_changes": paired_changes(stores["classifier"].read_rows(), predicted)}
     return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
 
 

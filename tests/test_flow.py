@@ -92,6 +92,14 @@ def test_flow_quarantines_caches_and_recomputes_exactly_what_changed(run_config,
     assert report["counts"]["train"] == 3 * 40 and report["counts"]["holdout"] > 0
     assert 0 <= report["before"]["worst_group_acc"] <= report["before"]["avg_acc"] <= 1
     assert not report["stages"]["holdout"]["cached"]
+    # the retrained model's test images, paired with the model before: per group, lost and gained images whose
+    # difference is the change in the group's correct count
+    changes, before, after = summary(workdir, "retrain")["test_changes"], report["before"], report["after"]
+    assert set(changes) == set(after["per_group"])
+    for group, (lost, gained) in changes.items():
+        right = {name: round(block["per_group"][group] * block["group_sizes"][group]) for name, block in
+                 (("before", before), ("after", after))}
+        assert right["after"] - right["before"] == gained - lost
     scores_the_same_through_torchvision(workdir)
 
     # 2. warm run: everything cached, nothing trained

@@ -20,8 +20,35 @@ def evaluation(per_group: dict[str, float]) -> dict:
 def test_groups_more_than_five_points_worse_are_listed():
     before = evaluation({"cat/grass": 1.0, "cat/sofa": 0.2, "fox/grass": 0.9})
     after = evaluation({"cat/grass": 0.94, "cat/sofa": 0.9, "fox/grass": 0.86})
-    assert worse_groups(before, after) == {"cat/grass": [1.0, 0.94, 10]}  # 6 points; fox's 4 points are not
+    assert worse_groups(before, after) == {"cat/grass": {"before": 1.0, "after": 0.94, "images": 10, "lost": None,
+                                                         "gained": None, "p": None}}  # 6 points; fox's 4 are not
     assert worse_groups(before, None) == {}
+
+
+def test_a_worse_group_says_how_likely_chance_alone_made_its_drop():
+    """Paired by image: lost = right before and wrong after. McNemar's exact one-sided p: 8 lost, 0 gained is
+    0.5 ** 8; 3 lost, 2 gained is as likely as not."""
+    from aspire.metrics import chance_of_losing, paired_changes
+
+    def row(image_id, group, label, pred, split="test"):
+        return {"image_id": image_id, "group": group, "group_name": "cat|grass", "label": label, "pred": pred,
+                "split": split, "class_name": "cat"}
+
+    before = [row("a", 0, 1, 1), row("b", 0, 1, 1), row("c", 0, 1, 0), row("d", 0, 1, 1), row("v", 0, 1, 1, "val")]
+    after = [row("a", 0, 1, 0), row("b", 0, 1, 0), row("c", 0, 1, 1), row("d", 0, 1, 1), row("v", 0, 1, 0, "val"),
+             row("new", 0, 1, 0)]  # not in the model before: left out
+    assert paired_changes(before, after) == {"0:cat|grass": [2, 1]}
+    assert chance_of_losing(8, 0) == 0.5 ** 8 and chance_of_losing(3, 2) == 0.5 and chance_of_losing(0, 0) == 1.0
+    assert chance_of_losing(0, 4) == 1.0 and chance_of_losing(4, 4) == 163 / 256
+    was = evaluation({"cat/grass": 1.0, "fox/grass": 0.9})
+    now = evaluation({"cat/grass": 0.2, "fox/grass": 0.9})
+    worse = worse_groups(was, now, {"cat/grass": [8, 0], "fox/grass": [1, 1]})
+    assert worse == {"cat/grass": {"before": 1.0, "after": 0.2, "images": 10, "lost": 8, "gained": 0, "p": 0.0039}}
+    report = build_report({"holdout": {"before": {"test": was}},
+                           "retrain": {"after": {"test": now}, "test_changes": {"cat/grass": [8, 0]}}})
+    text = render_markdown(report)
+    assert "cat/grass 100.0% -> 20.0% (10 images: 8 lost, 0 gained, p = 0.0039)" in text
+    assert "McNemar's exact test, one-sided" in text
 
 
 def test_report_shows_the_rule_flip_rates_and_the_classes_without_a_feature():
@@ -34,7 +61,7 @@ def test_report_shows_the_rule_flip_rates_and_the_classes_without_a_feature():
     before = evaluation({"cat/grass": 1.0, "fox/grass": 0.9})
     after = evaluation({"cat/grass": 0.5, "fox/grass": 0.9})
     report = build_report({"holdout": {"before": {"test": before}}, "collapse": collapse, "retrain": {"after": {"test": after}}})
-    assert report["worse_groups"] == {"cat/grass": [1.0, 0.5, 10]} and report["no_spurious_found"] == ["fox"]
+    assert report["worse_groups"]["cat/grass"]["after"] == 0.5 and report["no_spurious_found"] == ["fox"]
     text = render_markdown(report)
     assert "Rule: RULE" in text and "| cat | 1 | 12 / 40 | 30.0% | 80.0% / 10.0% | yes | ball |" in text
     assert "| cat | 2 | 6 / 200 | 3.0% | n/a / n/a | no | grass |" in text
