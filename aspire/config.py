@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
 
 from aspire.synth import SynthConfig
 
@@ -278,9 +278,12 @@ class GenerateConfig(Section):
         "(the class's core object pasted on backgrounds that are not among its spurious groups; CPU), or edits "
         "(no generation: the kept edits of the spurious groups themselves join the training set, ASPIRE Table 2's "
         "ablation).")
-    per_class: float | None = Field(
-        None, gt=0, description="Images per class as a multiple of the class's training images; default (None): 1x "
-        "the class's training images without group labels, 1x the class's minority-group images with them (App. A.4).")
+    per_class: PositiveFloat | list[PositiveFloat] | None = Field(
+        None, description="Images per class as a multiple of the class's training images; default (None): 1x "
+        "the class's training images without group labels, 1x the class's minority-group images with them (App. A.4). "
+        "A list of multiples (e.g. [1, 2, 3]) is a search on validation, as ASPIRE Sec. 3 suggests: the largest is "
+        "generated, the retrain stage trains one model per multiple on each class's first images and keeps the one "
+        "with the best validation worst-group accuracy (then average; then the smaller multiple).")
     prompt: str = Field("generate_prompt.txt", description="Prompt template file in prompts/ ({token}, {class_name}).")
     steps: int = Field(50, ge=1, description="textual-inversion: denoising steps.")
     guidance: float = Field(7.5, ge=1, description="textual-inversion: classifier-free guidance scale.")
@@ -313,6 +316,20 @@ class GenerateConfig(Section):
     object_scale: tuple[float, float] = Field((0.8, 1.2), description="composite: the core object is rescaled by a factor in this range.")
     seed: int = Field(0, description="Seed; every generated image records its own seed.")
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', ...")
+
+    @field_validator("per_class")
+    @classmethod
+    def _one_or_several_multiples(cls, value: float | list[float] | None) -> float | list[float] | None:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("an empty list: give a multiple or a list of multiples")
+        choices = sorted(set(value))
+        return choices if len(choices) > 1 else choices[0]
+
+    def per_class_choices(self) -> list[float] | None:
+        """The multiples the retrain stage chooses from, when ``per_class`` lists several; else None."""
+        return self.per_class if isinstance(self.per_class, list) else None
 
 
 class RetrainConfig(Section):

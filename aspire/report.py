@@ -51,6 +51,7 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     after = summaries.get("retrain", {}).get("after", {})
     return {
         "worse_groups": worse_groups(before.get("test"), after.get("test"), summaries.get("retrain", {}).get("test_changes")),
+        "per_class": summaries.get("retrain", {}).get("per_class"),
         "no_spurious_found": collapse.get("no_spurious_found"),
         "spurious_rule": collapse.get("rule"),
         "stages": {name: {k: s.get(k) for k in STAGE_FIELDS} for name, s in summaries.items()},
@@ -102,6 +103,14 @@ def worse_text(worse: dict[str, dict[str, Any]]) -> str:
             detail += (": " if detail else "") + f"{w['lost']} lost, {w['gained']} gained, p = {w['p']:.2g}"
         parts.append(f"{group} {_pct(w['before'])} -> {_pct(w['after'])}" + (f" ({detail})" if detail else ""))
     return ", ".join(parts) or "none"
+
+
+def per_class_text(choice: dict[str, Any]) -> str:
+    """One line: which ``generate.per_class`` multiple the retrain stage kept, and each one's validation numbers."""
+    return (f"Generated images per class: {choice['chosen']:g}x the class's training images, chosen on validation "
+            "worst-group accuracy (then average) from " + ", ".join(
+                f"{c['per_class']:g}x ({c['generated']} images: {_pct(c['val_worst_group_acc'])} / "
+                f"{_pct(c['val_avg_acc'])})" for c in choice["choices"]) + ".")
 
 
 def _pct(x: float | None) -> str:
@@ -164,6 +173,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         if after:
             lines.append(f"| after (ERM retrained on the augmented set, last epoch) | {_pct(after['avg_acc'])} | "
                          f"{_pct(after.get('weighted_avg_acc'))} | {_pct(after['worst_group_acc'])} ({_cell(after['worst_group'])}) |")
+        if report.get("per_class"):
+            lines += ["", per_class_text(report["per_class"])]
         lines += ["", "| group | before | after |", "|---|---|---|"]
         lines += [f"| {_cell(g)} | {_pct(a)} | {_pct((after or {}).get('per_group', {}).get(g))} |" for g, a in before["per_group"].items()]
         worse = report.get("worse_groups") or {}

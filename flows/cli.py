@@ -114,13 +114,15 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
 
 
 def _print_summary(report: dict, workdir: Path) -> None:
-    from aspire.report import worse_text
+    from aspire.report import per_class_text, worse_text
 
     for when in ("before", "after"):
         block = report.get(when)
         if block:
             typer.echo(f"{when} augmentation (test): average accuracy {block['avg_acc']:.3f}, "
                        f"worst-group accuracy {block['worst_group_acc']:.3f} (group {block['worst_group']})")
+    if report.get("per_class"):
+        typer.echo(per_class_text(report["per_class"]))
     typer.echo(f"counts: {json.dumps({k: v for k, v in report['counts'].items() if v is not None})}")
     planted = report.get("planted_found") or {}
     for name, groups in (report.get("spurious") or {}).items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -196,6 +197,9 @@ def _generate(config: RunConfig, runner, store: StageStore, rows: list[Row], sto
     counts = generate.images_per_class(dataset_rows, config.generate)
     labels = {r["class_name"]: r["label"] for r in dataset_rows}
     jobs = generate.plan_jobs(counts, labels, config.generate.seed)
+    if config.generate.per_class_choices():  # several multiples: the retrain stage chooses on validation
+        jobs = generate.mark_choices(jobs, {m: generate.images_per_class(dataset_rows, config.generate, m)
+                                            for m in config.generate.per_class_choices()})
     collapse_summary = _summary_of(stores, "collapse")
     # every class avoids every phrase of its top-k groups (ASPIRE's rule), claimed by the report or not: a feature
     # the classifier leans on alongside another flips few edits and may miss the claim's threshold
@@ -240,26 +244,68 @@ def _export(config: RunConfig, runner, store: StageStore, rows: list[Row], store
 
 def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     settings = retrain.retrain_config(config.classifier, config.retrain)
+    choices = config.generate.per_class_choices() if any(r.get("source") == "generated" for r in rows) else None
     if config.retrain.method != "erm":  # a robust trainer: one committed part with its val/test predictions
         rows, grouping = retrain.group_rows(store, rows, config.retrain, config.caption,
                                             _summary_of(stores, "collapse")["spurious"], stores["caption"].read_rows())
         args = config.retrain.trainer_args(config.retrain.method, str(classifier.model_file(stores["classifier"])))
-        predicted = on_gpu(retrain.robust_task, settings.device)(store, quote(rows), settings, config.retrain.method,
-                                                                 args)
-        summary = {"rows_in": len(rows), "failures": 0, "method": config.retrain.method, "grouping": grouping,
-                   "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
-                   "test_changes": paired_changes(stores["classifier"].read_rows(), predicted)}
-        return predicted, summary, [store.part_ref(retrain.ROBUST_PART)]
-    trained = on_gpu(classifier.train_task, settings.device)(store, quote(rows), settings)
-    model_digest = trained["files"][classifier.MODEL_FILE]
-    evaluated = [r for r in rows if r["split"] in ("val", "test")]
-    predicted, _, info = run_shards(runner, store, evaluated, on_gpu(classifier.predict_shard_task, settings.device),
-                                    config.runner.shard_size,
-                                    salt=model_digest, model_digest=model_digest)
-    summary = {**info, "trained": not trained["cached"], "epochs": trained.get("epochs"),
-               "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
-               "test_changes": paired_changes(stores["classifier"].read_rows(), predicted)}
-    return predicted, summary, [store.part_ref(classifier.MODEL_PART), *info["parts"]]
+
+        def fit(part: str, subset: list[Row]) -> list[Row]:  # the val and test predictions
+            return on_gpu(retrain.robust_task, settings.device)(store, quote(subset), settings, config.retrain.method,
+                                                                args, part)
+
+        part, rows, summary = _choose_multiple(choices, rows, retrain.ROBUST_PART, fit)
+        predicted = fit(part, rows)
+        summary |= {"method": config.retrain.method, "grouping": grouping}
+        parts = [store.part_ref(part)]
+    else:
+        models: dict[str, dict] = {}
+
+        def fit(part: str, subset: list[Row]) -> list[Row]:  # the val predictions (the test waits for the choice)
+            models[part] = on_gpu(classifier.train_task, settings.device)(store, quote(subset), settings, part)
+            val = [r for r in subset if r["split"] == "val"]
+            return classifier.run_predict(val, classifier.model_file(store, part),
+                                          models[part]["files"][classifier.MODEL_FILE]).rows
+
+        part, rows, summary = _choose_multiple(choices, rows, classifier.MODEL_PART, fit)
+        trained = models.get(part) or on_gpu(classifier.train_task, settings.device)(store, quote(rows), settings, part)
+        model_digest = trained["files"][classifier.MODEL_FILE]
+        evaluated = [r for r in rows if r["split"] in ("val", "test")]
+        predicted, _, info = run_shards(runner, store, evaluated, on_gpu(classifier.predict_shard_task, settings.device),
+                                        config.runner.shard_size, salt=model_digest, model_digest=model_digest, part=part)
+        summary |= {**info, "trained": not trained["cached"], "epochs": trained.get("epochs")}
+        parts = [store.part_ref(part), *info["parts"]]
+    summary |= {"rows_in": len(rows), "failures": summary.get("failures", 0),
+                "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
+                "test_changes": paired_changes(stores["classifier"].read_rows(), predicted)}
+    return predicted, summary, parts
+
+
+def _val_key(line: dict) -> tuple[float, float]:
+    return line["val_worst_group_acc"] or 0.0, line["val_avg_acc"] or 0.0
+
+
+def _choose_multiple(choices: list[float] | None, rows: list[Row], part: str,
+                     fit: Callable[[str, list[Row]], list[Row]]) -> tuple[str, list[Row], dict]:
+    """With several ``generate.per_class`` multiples: train one model per multiple (``fit(part, rows)`` returns
+    its validation predictions) on each class's first generated images, and keep the best on validation
+    worst-group accuracy (worst class without group labels), then average, then the smaller multiple.
+    Returns the chosen model's part, its rows and the summary's ``per_class`` entry (none with one multiple)."""
+    if not choices:
+        return part, rows, {}
+    table, best = [], None
+    for multiple in choices:
+        subset = generate.with_multiple(rows, multiple)
+        val = holdout.evaluate(fit(f"{part}-x{multiple:g}", subset), subset).get("val") or {}
+        line = {"per_class": multiple, "generated": sum(r.get("source") == "generated" for r in subset),
+                "val_worst_group_acc": val.get("worst_group_acc"), "val_avg_acc": val.get("avg_acc")}
+        table.append(line)
+        if best is None or _val_key(line) > _val_key(best):
+            best = line
+    get_run_logger().info("retrain: per_class %g chosen on validation (%s)", best["per_class"], ", ".join(
+        f"{t['per_class']:g}x: worst group {t['val_worst_group_acc']}, average {t['val_avg_acc']}" for t in table))
+    chosen = best["per_class"]
+    return f"{part}-x{chosen:g}", generate.with_multiple(rows, chosen), {"per_class": {"choices": table, "chosen": chosen}}
 
 
 COMPUTE = {"ingest": _ingest, "classifier": _classifier, "holdout": _holdout, "caption": _caption, "extract": _extract,

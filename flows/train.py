@@ -29,6 +29,7 @@ from flows.running import artifact_key
 from flows.runtime import project_logging
 from tasks import classifier, ingest, quote
 from tasks.export import with_generated_groups
+from tasks.generate import with_multiple
 from tasks.retrain import group_rows
 
 METHODS = ("erm", "jtt", "dfr", "groupdro", "clarify", "slim")
@@ -40,7 +41,9 @@ class Committed:
     """What ``aspire run`` committed that training needs.
 
     Attributes:
-        datasets: ``original`` (the holdout stage's rows) and, when committed, ``augmented`` (the export stage's).
+        datasets: ``original`` (the holdout stage's rows) and, when committed, ``augmented`` (the export stage's;
+            with several ``generate.per_class`` multiples, the images of the one the retrain stage chose, or of the
+            smallest before retraining).
         spurious: the collapse stage's top-k phrase groups per class, or ``None``.
         captions: the caption stage's rows (held-out images with their captions), or empty.
         erm_model: the classifier stage's ERM model file (DFR's backbone with ``retrain.dfr_base=classifier``, the
@@ -63,6 +66,7 @@ def committed(config: RunConfig) -> Committed:
         ValueError: the holdout stage is not committed.
     """
     found = Committed({}, None, [])
+    chosen = None
     for name, store in chain(config, ingest.list_dataset(config)):
         marker = store.stage_marker()
         if marker is None:
@@ -80,6 +84,12 @@ def committed(config: RunConfig) -> Committed:
             found.spurious = marker["summary"]["spurious"]
         if name == "export":
             found.datasets["augmented"] = store.read_rows()
+        if name == "retrain":
+            chosen = (marker["summary"].get("per_class") or {}).get("chosen")
+    if "augmented" in found.datasets:  # several generate.per_class multiples: the one the retrain stage chose
+        multiples = {r["per_class_from"] for r in found.datasets["augmented"] if r.get("per_class_from") is not None}
+        if multiples:
+            found.datasets["augmented"] = with_multiple(found.datasets["augmented"], chosen or min(multiples))
     if "original" not in found.datasets:
         raise ValueError(f"{config.workdir}: the holdout stage is not committed; run `aspire run` (or "
                          "`aspire stage holdout`) first")

@@ -41,9 +41,10 @@ def classifier_identity(config: ClassifierConfig) -> str:
     return f"torch {library_version('torch')}, torchvision {library_version('torchvision')}, weights {weights}"
 
 
-def model_file(store: StageStore) -> Path:
-    """Where the stage's trained model is committed."""
-    return store.part_dir(MODEL_PART) / MODEL_FILE
+def model_file(store: StageStore, part: str = MODEL_PART) -> Path:
+    """Where the stage's trained model is committed (``part``: one of several models, e.g. the retrain stage's
+    ``model-x2``)."""
+    return store.part_dir(part) / MODEL_FILE
 
 
 def key_config(config: ClassifierConfig) -> dict:
@@ -110,10 +111,10 @@ def run_predict(rows: list[Row], model_path: Path, model_digest: str) -> ShardRe
 
 
 @task(name="train-classifier", tags=["gpu"], cache_policy=NO_CACHE)
-def train_task(store: StageStore, rows: list[Row], config: ClassifierConfig) -> dict:
+def train_task(store: StageStore, rows: list[Row], config: ClassifierConfig, part: str = MODEL_PART) -> dict:
     """Train and commit the model part (skipped when committed; resumes from the last epoch after a kill)."""
-    checkpoint = store.root / "train-checkpoint.pt"
-    marker = store.ensure_part(MODEL_PART, lambda tmp: train_classifier(rows, config, tmp, checkpoint),
+    checkpoint = store.root / ("train-checkpoint.pt" if part == MODEL_PART else f"train-checkpoint-{part}.pt")
+    marker = store.ensure_part(part, lambda tmp: train_classifier(rows, config, tmp, checkpoint),
                                checked_files=(MODEL_FILE,))
     checkpoint.unlink(missing_ok=True)
     return marker
@@ -121,8 +122,8 @@ def train_task(store: StageStore, rows: list[Row], config: ClassifierConfig) -> 
 
 @task(name="predict-shard", task_run_name="predict-shard-{index}", tags=["gpu"], cache_policy=NO_CACHE, retries=1,
       retry_condition_fn=retry_if_transient)
-def predict_shard_task(store: StageStore, index: int, rows: list[Row], model_digest: str) -> dict:
+def predict_shard_task(store: StageStore, index: int, rows: list[Row], model_digest: str, part: str = MODEL_PART) -> dict:
     """Predict one shard with the committed model and commit it (skipped when already committed)."""
-    model_path = model_file(store)
+    model_path = model_file(store, part)
     return store.ensure_shard(index, rows, lambda shard_rows, _: run_predict(shard_rows, model_path, model_digest),
                               salt=model_digest)

@@ -45,12 +45,14 @@ MINORITY_FRACTION = 0.5
 """A group is a minority group when it has fewer than this fraction of its class's largest group's images."""
 
 
-def images_per_class(all_rows: list[Row], config: GenerateConfig) -> dict[str, int]:
+def images_per_class(all_rows: list[Row], config: GenerateConfig, per_class: float | None = None) -> dict[str, int]:
     """How many images to generate per class (ASPIRE App. A.4, Table 3).
 
-    ``per_class`` set: that multiple of the class's training images. Default: 1x the class's training images
-    when the dataset has no group labels (Hard ImageNet); else 1x the class's minority-group images
-    (:func:`minority_images`)."""
+    ``per_class`` set (the argument, else the config's; the largest of a list): that multiple of the class's
+    training images. Default: 1x the class's training images when the dataset has no group labels (Hard
+    ImageNet); else 1x the class's minority-group images (:func:`minority_images`)."""
+    if per_class is None:
+        per_class = max(config.per_class_choices() or [config.per_class]) if config.per_class is not None else None
     counts: dict[str, dict] = {}
     for row in all_rows:
         if row["split"] == "train" and not is_edit(row) and row.get("source") != "generated":
@@ -59,8 +61,8 @@ def images_per_class(all_rows: list[Row], config: GenerateConfig) -> dict[str, i
     result = {}
     for name, groups in counts.items():
         total = sum(groups.values())
-        if config.per_class is not None:
-            result[name] = round(config.per_class * total)
+        if per_class is not None:
+            result[name] = round(per_class * total)
         elif None in groups:
             result[name] = total
         else:
@@ -78,9 +80,26 @@ def minority_images(group_sizes: dict[int, int]) -> int:
 
 
 def plan_jobs(counts: dict[str, int], labels: dict[str, int], seed: int) -> list[Row]:
-    """One job row per image to generate, each with its own seed."""
+    """One job row per image to generate, each with its own seed (job ``i`` of a class is the same image whatever
+    the count, so a smaller multiple's images are the first of a larger one's)."""
     return [{"image_id": f"gen::{name}::{i}", "class_name": name, "label": labels[name], "split": "train",
              "seed": int(digest([seed, name, i]), 16) % (2**31)} for name in sorted(counts) for i in range(counts[name])]
+
+
+def mark_choices(jobs: list[Row], choices: dict[float, dict[str, int]]) -> list[Row]:
+    """Each job with ``per_class_from``: the smallest multiple whose count (``choices[multiple][class]``) includes
+    it; the retrain stage trains each multiple on the images with ``per_class_from <= multiple``."""
+    marked = []
+    for job in jobs:
+        index = int(job["image_id"].rsplit("::", 1)[1])
+        first = min(m for m, counts in choices.items() if index < counts[job["class_name"]])
+        marked.append({**job, "per_class_from": first})
+    return marked
+
+
+def with_multiple(rows: list[Row], multiple: float) -> list[Row]:
+    """The rows without the generated images beyond ``multiple`` (:func:`mark_choices`)."""
+    return [r for r in rows if r.get("source") != "generated" or r.get("per_class_from", multiple) <= multiple]
 
 
 def generator_exemplars(rows: list[Row], learn_from: str, min_images: int = 3, limit: int | None = 64

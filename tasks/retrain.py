@@ -134,12 +134,13 @@ def run_robust(rows: list[Row], config: ClassifierConfig, method: str, trainer_a
 
 
 @task(name="retrain-robust", tags=["gpu"], cache_policy=NO_CACHE)
-def robust_task(store: StageStore, rows: list[Row], config: ClassifierConfig, method: str, trainer_args: dict) -> list[Row]:
-    """Train with a robust method and commit its val/test predictions (skipped when committed)."""
+def robust_task(store: StageStore, rows: list[Row], config: ClassifierConfig, method: str, trainer_args: dict,
+                part: str = ROBUST_PART) -> list[Row]:
+    """Train with a robust method and commit its val/test predictions as ``part`` (skipped when committed)."""
     def write(tmp):
         predicted = run_robust(rows, config, method, trainer_args)
         write_jsonl(predicted, tmp / PREDICTIONS)
         return {"method": method, "predicted": len(predicted)}
 
-    store.ensure_part(ROBUST_PART, write, digest([method, trainer_args, digest(rows)]), (PREDICTIONS,))
-    return read_jsonl(store.part_dir(ROBUST_PART) / PREDICTIONS)
+    store.ensure_part(part, write, digest([method, trainer_args, digest(rows)]), (PREDICTIONS,))
+    return read_jsonl(store.part_dir(part) / PREDICTIONS)

@@ -649,3 +649,30 @@ def test_stage_task_runs_keep_their_own_tags_and_progress_advances_without_a_ter
     assert "run-label" in outer_run.tags and all("run-label" in s.tags for s in subflows)
     assert len(task_runs) == 3 and all(set(t.tags) == {"own-tag"} for t in task_runs)
     assert progress[:-1] == pytest.approx([100 / 3, 200 / 3, 100.0]) and progress[-1] == 100.0
+
+
+def test_several_generate_multiples_are_compared_on_validation_and_the_best_is_tested(run_config, tmp_path):
+    """generate.per_class [0.5, 0.25]: the larger multiple is generated, one model per multiple trains on each
+    class's first generated images, and the best on validation (worst group, then average, then the smaller
+    multiple) is the one tested and reported; `aspire train` reads the same images back from the export."""
+    from aspire.config import load_config
+    from flows.train import committed
+
+    sets = ("generate.learn_from=held-out", "generate.per_class=[0.5,0.25]")  # the control always generates
+    report = run(run_config, *sets)
+    choice = report["per_class"]
+    lines = choice["choices"]
+    assert [c["per_class"] for c in lines] == [0.25, 0.5]
+    assert 0 < lines[0]["generated"] < lines[1]["generated"] == report["counts"]["generated"]
+    best = max(lines, key=lambda c: (c["val_worst_group_acc"], c["val_avg_acc"]))  # max keeps the first of ties
+    assert choice["chosen"] == best["per_class"]
+    (key_dir,) = [p for p in (tmp_path / "run" / "retrain").iterdir() if (p / "DONE.json").is_file()]
+    assert (key_dir / "model-x0.25" / "model.pt").is_file() and (key_dir / "model-x0.5" / "model.pt").is_file()
+    augmented = committed(load_config(run_config, list(sets))).datasets["augmented"]
+    used = [r for r in augmented if r["source"] == "generated"]
+    assert len(used) == best["generated"] and all(r["per_class_from"] <= best["per_class"] for r in used)
+    originals = sum(r["split"] == "train" and r["source"] == "original" for r in augmented)
+    assert summary(tmp_path / "run", "retrain")["train_rows"] == originals + best["generated"]
+    assert "chosen on validation" in (tmp_path / "run" / "report.md").read_text()
+    again = run(run_config, *sets)
+    assert again["stages"]["retrain"]["cached"] and again["per_class"] == choice and again["after"] == report["after"]

@@ -167,3 +167,29 @@ def test_a_class_without_top_k_edits_learns_from_all_its_kept_edits_as_textual_i
     paths, rule, _ = select_training_images(rows, "a", 2)
     assert rule == "all-kept" and sorted(map(str, paths)) == sorted(r["path"] for r in exemplars)
     assert generator_exemplars(rows, "kept-edits", min_images=3) == {}
+
+
+def test_several_multiples_generate_the_largest_and_nest_the_smaller():
+    """generate.per_class [2, 1, 2] is the list [1, 2]: the stage plans 2x, job i of a class is the same image in
+    either plan, and each job names the smallest multiple that includes it, so retraining at 1x keeps exactly
+    the 1x plan's images."""
+    import pytest
+    from pydantic import ValidationError
+
+    from tasks.generate import images_per_class, mark_choices, with_multiple
+
+    config = GenerateConfig(per_class=[2, 1, 2])
+    assert config.per_class == [1.0, 2.0] and config.per_class_choices() == [1.0, 2.0]
+    assert GenerateConfig(per_class=[3]).per_class == 3.0 and GenerateConfig(per_class=3).per_class_choices() is None
+    for bad in ([], [1, -2], [0]):
+        with pytest.raises(ValidationError):
+            GenerateConfig(per_class=bad)
+    rows = [{"split": "train", "class_name": c, "label": i, "group": None} for i, c in enumerate("ab") for _ in range(3)]
+    assert images_per_class(rows, config) == {"a": 6, "b": 6} and images_per_class(rows, config, 1.0) == {"a": 3, "b": 3}
+    jobs = plan_jobs(images_per_class(rows, config), {"a": 0, "b": 1}, seed=7)
+    marked = mark_choices(jobs, {m: images_per_class(rows, config, m) for m in config.per_class_choices()})
+    small = plan_jobs(images_per_class(rows, config, 1.0), {"a": 0, "b": 1}, seed=7)
+    made = [{**j, "source": "generated"} for j in marked]
+    kept = with_multiple(rows + made, 1.0)
+    assert [{k: v for k, v in r.items() if k not in ("per_class_from", "source")} for r in kept[len(rows):]] == small
+    assert kept[:len(rows)] == rows and with_multiple(rows + made, 2.0) == rows + made
