@@ -325,7 +325,16 @@ class GenerateConfig(Section):
         if not value:
             raise ValueError("an empty list: give a multiple or a list of multiples")
         choices = sorted(set(value))
+        if len({f"{m:g}" for m in choices}) < len(choices):  # each multiple's model is committed as <part>-x<m:g>
+            raise ValueError(f"{value}: multiples this close print alike; give multiples that differ more")
         return choices if len(choices) > 1 else choices[0]
+
+    @model_validator(mode="after")
+    def _choices_need_generation(self) -> "GenerateConfig":
+        if self.per_class_choices() and self.backend == "edits":
+            raise ValueError("per_class: several multiples need a generator; backend 'edits' generates nothing "
+                             "(its kept edits are a fixed set)")
+        return self
 
     def per_class_choices(self) -> list[float] | None:
         """The multiples the retrain stage chooses from, when ``per_class`` lists several; else None."""

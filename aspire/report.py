@@ -90,7 +90,7 @@ def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None,
             continue
         lost, gained = (changes or {}).get(group, (None, None))
         worse[group] = {"before": was, "after": now, "images": sizes.get(group), "lost": lost, "gained": gained,
-                        "p": None if lost is None else round(chance_of_losing(lost, gained), 4)}
+                        "p": None if lost is None else chance_of_losing(lost, gained)}
     return worse
 
 
@@ -184,8 +184,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
             lines += ["", "Lost / gained: the group's test images the augmented model gets wrong that the model "
                       "before got right, and the reverse. p: the chance of losing at least that many of them if "
                       "augmentation made the group no worse (McNemar's exact test, one-sided); a drop with p above "
-                      "0.05 is within what chance, such as another seed, makes, and one group in twenty that change "
-                      "reaches p < 0.05 by chance alone."]
+                      "0.05 is within what chance, such as another seed, makes. With many groups, some reach "
+                      "p < 0.05 by chance alone (about one in twenty of the groups that did not really change)."]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("top_k") is not None:

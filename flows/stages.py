@@ -244,7 +244,9 @@ def _export(config: RunConfig, runner, store: StageStore, rows: list[Row], store
 
 def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stores: dict[str, StageStore]):
     settings = retrain.retrain_config(config.classifier, config.retrain)
-    choices = config.generate.per_class_choices() if any(r.get("source") == "generated" for r in rows) else None
+    received = len(rows)
+    marked = any(r.get("source") == "generated" and r.get("per_class_from") is not None for r in rows)
+    choices = config.generate.per_class_choices() if marked else None
     if config.retrain.method != "erm":  # a robust trainer: one committed part with its val/test predictions
         rows, grouping = retrain.group_rows(store, rows, config.retrain, config.caption,
                                             _summary_of(stores, "collapse")["spurious"], stores["caption"].read_rows())
@@ -263,9 +265,10 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
 
         def fit(part: str, subset: list[Row]) -> list[Row]:  # the val predictions (the test waits for the choice)
             models[part] = on_gpu(classifier.train_task, settings.device)(store, quote(subset), settings, part)
-            val = [r for r in subset if r["split"] == "val"]
-            return classifier.run_predict(val, classifier.model_file(store, part),
-                                          models[part]["files"][classifier.MODEL_FILE]).rows
+            val, size = [r for r in subset if r["split"] == "val"], config.runner.shard_size
+            path, model_digest = classifier.model_file(store, part), models[part]["files"][classifier.MODEL_FILE]
+            return [r for i in range(0, len(val), size)  # a shard's images at a time in memory
+                    for r in classifier.run_predict(val[i:i + size], path, model_digest).rows]
 
         part, rows, summary = _choose_multiple(choices, rows, classifier.MODEL_PART, fit)
         trained = models.get(part) or on_gpu(classifier.train_task, settings.device)(store, quote(rows), settings, part)
@@ -275,7 +278,7 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
                                         config.runner.shard_size, salt=model_digest, model_digest=model_digest, part=part)
         summary |= {**info, "trained": not trained["cached"], "epochs": trained.get("epochs")}
         parts = [store.part_ref(part), *info["parts"]]
-    summary |= {"rows_in": len(rows), "failures": summary.get("failures", 0),
+    summary |= {"rows_in": received, "failures": summary.get("failures", 0),
                 "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
                 "test_changes": paired_changes(stores["classifier"].read_rows(), predicted)}
     return predicted, summary, parts
@@ -293,6 +296,9 @@ def _choose_multiple(choices: list[float] | None, rows: list[Row], part: str,
     Returns the chosen model's part, its rows and the summary's ``per_class`` entry (none with one multiple)."""
     if not choices:
         return part, rows, {}
+    if not any(r["split"] == "val" for r in rows):
+        raise StageFailed(f"retrain: generate.per_class lists {len(choices)} multiples to choose on validation, but "
+                          "the dataset has no val split; give one multiple, or a dataset with a val split")
     table, best = [], None
     for multiple in choices:
         subset = generate.with_multiple(rows, multiple)

@@ -87,7 +87,8 @@ def committed(config: RunConfig) -> Committed:
         if name == "retrain":
             chosen = (marker["summary"].get("per_class") or {}).get("chosen")
     if "augmented" in found.datasets:  # several generate.per_class multiples: the one the retrain stage chose
-        multiples = {r["per_class_from"] for r in found.datasets["augmented"] if r.get("per_class_from") is not None}
+        multiples = {r["per_class_from"] for r in found.datasets["augmented"]
+                     if r.get("source") == "generated" and r.get("per_class_from") is not None}
         if multiples:
             found.datasets["augmented"] = with_multiple(found.datasets["augmented"], chosen or min(multiples))
     if "original" not in found.datasets:

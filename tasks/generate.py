@@ -98,8 +98,13 @@ def mark_choices(jobs: list[Row], choices: dict[float, dict[str, int]]) -> list[
 
 
 def with_multiple(rows: list[Row], multiple: float) -> list[Row]:
-    """The rows without the generated images beyond ``multiple`` (:func:`mark_choices`)."""
-    return [r for r in rows if r.get("source") != "generated" or r.get("per_class_from", multiple) <= multiple]
+    """The rows without the generated images beyond ``multiple`` (:func:`mark_choices`); a row without a mark
+    (None, or NaN from a table reader) is kept."""
+    def beyond(row: Row) -> bool:
+        mark = row.get("per_class_from")
+        return row.get("source") == "generated" and mark is not None and mark == mark and mark > multiple
+
+    return [r for r in rows if not beyond(r)]
 
 
 def generator_exemplars(rows: list[Row], learn_from: str, min_images: int = 3, limit: int | None = 64

@@ -181,9 +181,11 @@ def test_several_multiples_generate_the_largest_and_nest_the_smaller():
     config = GenerateConfig(per_class=[2, 1, 2])
     assert config.per_class == [1.0, 2.0] and config.per_class_choices() == [1.0, 2.0]
     assert GenerateConfig(per_class=[3]).per_class == 3.0 and GenerateConfig(per_class=3).per_class_choices() is None
-    for bad in ([], [1, -2], [0]):
+    for bad in ([], [1, -2], [0], [1, 1.0000001]):  # the last two print alike as model-x1
         with pytest.raises(ValidationError):
             GenerateConfig(per_class=bad)
+    with pytest.raises(ValidationError, match="need a generator"):
+        GenerateConfig(backend="edits", per_class=[1, 2])
     rows = [{"split": "train", "class_name": c, "label": i, "group": None} for i, c in enumerate("ab") for _ in range(3)]
     assert images_per_class(rows, config) == {"a": 6, "b": 6} and images_per_class(rows, config, 1.0) == {"a": 3, "b": 3}
     jobs = plan_jobs(images_per_class(rows, config), {"a": 0, "b": 1}, seed=7)
@@ -193,3 +195,5 @@ def test_several_multiples_generate_the_largest_and_nest_the_smaller():
     kept = with_multiple(rows + made, 1.0)
     assert [{k: v for k, v in r.items() if k not in ("per_class_from", "source")} for r in kept[len(rows):]] == small
     assert kept[:len(rows)] == rows and with_multiple(rows + made, 2.0) == rows + made
+    unmarked = [{"source": "generated", "per_class_from": None}, {"source": "generated", "per_class_from": float("nan")}]
+    assert with_multiple(unmarked, 1.0) == unmarked  # read back from a table without the mark: kept

@@ -43,7 +43,7 @@ def test_a_worse_group_says_how_likely_chance_alone_made_its_drop():
     was = evaluation({"cat/grass": 1.0, "fox/grass": 0.9})
     now = evaluation({"cat/grass": 0.2, "fox/grass": 0.9})
     worse = worse_groups(was, now, {"cat/grass": [8, 0], "fox/grass": [1, 1]})
-    assert worse == {"cat/grass": {"before": 1.0, "after": 0.2, "images": 10, "lost": 8, "gained": 0, "p": 0.0039}}
+    assert worse == {"cat/grass": {"before": 1.0, "after": 0.2, "images": 10, "lost": 8, "gained": 0, "p": 0.5 ** 8}}
     report = build_report({"holdout": {"before": {"test": was}},
                            "retrain": {"after": {"test": now}, "test_changes": {"cat/grass": [8, 0]}}})
     text = render_markdown(report)
