@@ -24,7 +24,7 @@ from aspire.config import ClassifierConfig
 from aspire.images import load_rgb
 from aspire.lazy import resolve_device
 from aspire.manifest import Row
-from aspire.metrics import group_accuracy
+from aspire.metrics import group_accuracy, selection_key
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +218,6 @@ def _val_text(record: dict[str, Any]) -> str:
     if record["val_worst_group_acc"] is not None:
         text += f", worst group {record['val_worst_group_acc']:.3f} ({record['val_worst_group']})"
     return text
-
-
-def selection_key(record: dict[str, Any], by_group: bool) -> tuple[float, float]:
-    """Worst-group then average val accuracy (by_group), or average accuracy alone."""
-    avg = record["val_avg_acc"] or 0.0
-    return (record["val_worst_group_acc"] or 0.0, avg) if by_group else (avg, 0.0)
 
 
 def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], config: ClassifierConfig, seed: int,

@@ -55,6 +55,13 @@ def group_accuracy(rows: Iterable[Row], pred_column: str = "pred", train_rows: I
     return result
 
 
+def selection_key(record: dict, by_group: bool) -> tuple[float, float]:
+    """Worst-group then average val accuracy (by_group), or average accuracy alone: what picks an epoch, a
+    hyper-parameter or a ``generate.per_class`` multiple on validation."""
+    avg = record["val_avg_acc"] or 0.0
+    return (record["val_worst_group_acc"] or 0.0, avg) if by_group else (avg, 0.0)
+
+
 def _sort_key(name: str) -> tuple[int, int | str]:
     head = name.split(":", 1)[0]
     return (0, int(head)) if head.lstrip("-").isdigit() else (1, name)

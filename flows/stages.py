@@ -16,7 +16,7 @@ from prefect.artifacts import create_table_artifact
 from aspire.cache import StageStore
 from aspire.config import DatasetConfig, RunConfig
 from aspire.manifest import Row
-from aspire.metrics import paired_changes
+from aspire.metrics import paired_changes, selection_key
 from aspire.readers import read_dataset
 from aspire.synth import planted_found
 from flows.running import StageFailed, artifact_key, run_shards
@@ -284,10 +284,6 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
     return predicted, summary, parts
 
 
-def _val_key(line: dict) -> tuple[float, float]:
-    return line["val_worst_group_acc"] or 0.0, line["val_avg_acc"] or 0.0
-
-
 def _choose_multiple(choices: list[float] | None, rows: list[Row], part: str,
                      fit: Callable[[str, list[Row]], list[Row]]) -> tuple[str, list[Row], dict]:
     """With several ``generate.per_class`` multiples: train one model per multiple (``fit(part, rows)`` returns
@@ -306,7 +302,7 @@ def _choose_multiple(choices: list[float] | None, rows: list[Row], part: str,
         line = {"per_class": multiple, "generated": sum(r.get("source") == "generated" for r in subset),
                 "val_worst_group_acc": val.get("worst_group_acc"), "val_avg_acc": val.get("avg_acc")}
         table.append(line)
-        if best is None or _val_key(line) > _val_key(best):
+        if best is None or selection_key(line, by_group=True) > selection_key(best, by_group=True):
             best = line
     get_run_logger().info("retrain: per_class %g chosen on validation (%s)", best["per_class"], ", ".join(
         f"{t['per_class']:g}x: worst group {t['val_worst_group_acc']}, average {t['val_avg_acc']}" for t in table))

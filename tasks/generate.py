@@ -52,7 +52,7 @@ def images_per_class(all_rows: list[Row], config: GenerateConfig, per_class: flo
     training images. Default: 1x the class's training images when the dataset has no group labels (Hard
     ImageNet); else 1x the class's minority-group images (:func:`minority_images`)."""
     if per_class is None:
-        per_class = max(config.per_class_choices() or [config.per_class]) if config.per_class is not None else None
+        per_class = max(config.per_class) if isinstance(config.per_class, list) else config.per_class
     counts: dict[str, dict] = {}
     for row in all_rows:
         if row["split"] == "train" and not is_edit(row) and row.get("source") != "generated":

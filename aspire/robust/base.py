@@ -17,9 +17,10 @@ from typing import Any
 
 from torch import nn
 
-from aspire.classifier import IndexedRows, evaluate, fit, predict_rows, selection_key
+from aspire.classifier import IndexedRows, evaluate, fit, predict_rows
 from aspire.config import ClassifierConfig
 from aspire.manifest import Row
+from aspire.metrics import selection_key
 
 __all__ = ["IndexedRows", "Trainer", "TrainResult", "check_rows", "evaluate", "fit", "num_classes", "predict_rows",
            "selection_key"]
