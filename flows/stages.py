@@ -262,20 +262,27 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         parts = [store.part_ref(part)]
     else:
         models: dict[str, dict] = {}
+        val_results: dict[str, list] = {}  # part: its val predictions, shard by shard
 
         def fit(part: str, subset: list[Row]) -> list[Row]:  # the val predictions (the test waits for the choice)
             models[part] = on_gpu(classifier.train_task, settings.device)(store, quote(subset), settings, part)
             val, size = [r for r in subset if r["split"] == "val"], config.runner.shard_size
             path, model_digest = classifier.model_file(store, part), models[part]["files"][classifier.MODEL_FILE]
-            return [r for i in range(0, len(val), size)  # a shard's images at a time in memory
-                    for r in classifier.run_predict(val[i:i + size], path, model_digest).rows]
+            val_results[part] = [classifier.run_predict(val[i:i + size], path, model_digest)  # a shard at a time
+                                 for i in range(0, len(val), size)]
+            return [r for result in val_results[part] for r in result.rows]
 
         part, rows, summary = _choose_multiple(choices, rows, classifier.MODEL_PART, fit)
         trained = models.get(part) or on_gpu(classifier.train_task, settings.device)(store, quote(rows), settings, part)
         model_digest = trained["files"][classifier.MODEL_FILE]
-        evaluated = [r for r in rows if r["split"] in ("val", "test")]
+        known = val_results.get(part)  # the chosen model's val predictions are not computed twice
+        evaluated = [r for r in rows if r["split"] == "test" or (r["split"] == "val" and known is None)]
         predicted, _, info = run_shards(runner, store, evaluated, on_gpu(classifier.predict_shard_task, settings.device),
                                         config.runner.shard_size, salt=model_digest, model_digest=model_digest, part=part)
+        for result in known or []:
+            predicted += result.rows
+            info["quarantine"] += result.quarantine
+        info["failures"] = len(info["quarantine"])
         summary |= {**info, "trained": not trained["cached"], "epochs": trained.get("epochs")}
         parts = [store.part_ref(part), *info["parts"]]
     summary |= {"rows_in": received, "failures": summary.get("failures", 0),

@@ -668,6 +668,8 @@ def test_several_generate_multiples_are_compared_on_validation_and_the_best_is_t
     assert choice["chosen"] == best["per_class"]
     (key_dir,) = [p for p in (tmp_path / "run" / "retrain").iterdir() if (p / "DONE.json").is_file()]
     assert (key_dir / "model-x0.25" / "model.pt").is_file() and (key_dir / "model-x0.5" / "model.pt").is_file()
+    sharded = [json.loads(line) for shard in sorted(key_dir.glob("shard-*")) for line in open(shard / "rows.jsonl")]
+    assert {r["split"] for r in sharded} == {"test"}  # the chosen model's val predictions are reused, not redone
     augmented = committed(load_config(run_config, list(sets))).datasets["augmented"]
     used = [r for r in augmented if r["source"] == "generated"]
     assert len(used) == best["generated"] and all(r["per_class_from"] <= best["per_class"] for r in used)
