@@ -271,6 +271,8 @@ STREAM_DRAW = 1
 """Stream of an image's generator that draws its pixels and caption."""
 STREAM_BANK = 2
 """Stream of the background bank's images (drawn apart from the benchmark's)."""
+STREAM_PROBE = 3
+"""Stream of the cue probe's images (:func:`draw_cue_probe`)."""
 
 
 def image_rng(seed: int, split: str, index: int, stream: int = STREAM_DRAW) -> np.random.Generator:
@@ -674,3 +676,46 @@ def planted_found(config: SynthConfig, spurious: dict[str, list[list[str]]]) -> 
         result[spec.name] = {"object": bool(found & forms(obj.name, obj.words, False)),
                              "background": bool(found & forms(bg.name, bg.words, True))}
     return result
+
+
+def draw_cue_probe(config: SynthConfig, per_cell: int = 8, seed: int = 0) -> tuple[list[Image.Image], list[tuple]]:
+    """Images whose cues disagree, to see which cue a classifier follows: every class's core shape on every
+    background, with no object or with each object, ``per_cell`` images per combination. The test split only
+    pairs a class with its own object; here a penguin may stand beside the scooter's helmet on the hornet's hedge.
+
+    Returns:
+        The images and, per image, its cell ``(label, background name, object name or None)``.
+    """
+    cells = [(label, background.name, obj) for label in range(len(config.classes)) for background in config.backgrounds
+             for obj in [None, *(o.name for o in config.objects)]]
+    images, where = [], []
+    for c, cell in enumerate(cells):
+        for i in range(per_cell):
+            image, _ = draw_image(image_rng(seed, "test", c * per_cell + i, stream=STREAM_PROBE), config, *cell)
+            images.append(image)
+            where.append(cell)
+    return images, where
+
+
+def cue_reliance(config: SynthConfig, cells: list[tuple], predicted: list[str]) -> dict[str, float | None]:
+    """Which cue the predictions (class names, one per :func:`draw_cue_probe` image) follow.
+
+    - ``shape``: the share predicted as the class whose core shape is drawn (the core feature), over all images;
+    - ``background`` / ``object``: among images whose background / object is another class's planted one, the
+      share predicted as that other class (the shortcut followed against the shape). None when no image has one.
+    """
+    names = [c.name for c in config.classes]
+    background_of = {c.background: c.name for c in config.classes}
+    object_of = {c.object: c.name for c in config.classes}
+    shape, background, obj = [], [], []
+    for (label, bg, ob), pred in zip(cells, predicted):
+        shape.append(pred == names[label])
+        if background_of.get(bg, names[label]) != names[label]:
+            background.append(pred == background_of[bg])
+        if ob is not None and object_of.get(ob, names[label]) != names[label]:
+            obj.append(pred == object_of[ob])
+
+    def share(hits: list[bool]) -> float | None:
+        return round(sum(hits) / len(hits), 4) if hits else None
+
+    return {"shape": share(shape), "background": share(background), "object": share(obj), "images": len(cells)}

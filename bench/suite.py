@@ -23,6 +23,11 @@ every class, object and background, checked against every word of the repository
 colours, textures, strengths (0.95, 0.9, 0.8), image size (64, 96) and train size, all from ``--fresh-seed``;
 their configs are written to ``<root>/fresh-<seed>/`` first, so they can be read before the results.
 
+Beside the test split, every run's models meet the draw's *cue probe* (:func:`probe`): each class's core shape
+on every background, with no object or with each object, so cues disagree in ways the test groups never show (a
+penguin beside the scooter's helmet on the hornet's hedge). It says how often a model follows the shape, and how
+often another class's planted background or object instead; the second table of the markdown.
+
 (b) and (c) share every stage up to ``generate`` through the stage cache, and a rerun of the suite resumes from
 what is committed (``<root>/<draw>/``). Results go to ``<root>/suite.json`` and a markdown table to
 ``<root>/suite.md`` (pasted into BENCHMARKS.md).
@@ -202,15 +207,17 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
         for seed in seeds:
             for arm, overrides in arms.items():
                 key = f"{draw.stem}/{arm}/{seed}"
-                if key in results:
-                    continue
-                start = time.perf_counter()
-                report = aspire_flow(config_path=str(config_path),
-                                     overrides=[*sets, *overrides, f"generate.seed={seed}", f"retrain.seed={seed}"])
-                synth = load_config(config_path).synth
-                results[key] = summarise(report, time.perf_counter() - start, synth)
-                results_file.write_text(json.dumps(results, indent=1))
-                print(key, json.dumps(results[key]["after"]), results[key]["generated"], flush=True)
+                run_overrides = [*sets, *overrides, f"generate.seed={seed}", f"retrain.seed={seed}"]
+                if key not in results:
+                    start = time.perf_counter()
+                    report = aspire_flow(config_path=str(config_path), overrides=run_overrides)
+                    synth = load_config(config_path).synth
+                    results[key] = summarise(report, time.perf_counter() - start, synth)
+                    results_file.write_text(json.dumps(results, indent=1))
+                    print(key, json.dumps(results[key]["after"]), results[key]["generated"], flush=True)
+                if not results[key].get("cues"):  # also for runs saved before the probe existed (committed models)
+                    results[key]["cues"] = probe(config_path, run_overrides, results[key]["after"])
+                    results_file.write_text(json.dumps(results, indent=1))
         key = f"{draw.stem}/ceiling"
         if ceiling and key not in results:
             start = time.perf_counter()
@@ -220,6 +227,40 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
             results_file.write_text(json.dumps(results, indent=1))
             print(key, json.dumps(results[key]), flush=True)
     return results
+
+
+def probe(config_path: Path, overrides: list[str], tested: dict, per_cell: int = 8) -> dict:
+    """Which cue the run's models follow (:func:`aspire.synth.cue_reliance` on the draw's cue probe): the ERM
+    classifier (``before``) and the retrain stage's tested model (``after``, the multiple it chose), as committed
+    for ``overrides``. Empty when the retrain stage is not committed, trained a robust method, or its test
+    accuracies are not ``tested`` (a result saved under other settings)."""
+    from aspire.classifier import load_model, predict_images
+    from aspire.synth import cue_reliance, draw_cue_probe
+    from flows.keys import chain
+    from tasks import classifier, ingest
+
+    config = load_config(config_path, overrides)
+    models = {}
+    for name, store in chain(config, ingest.list_dataset(config)):
+        marker = store.stage_marker()
+        if marker is None:
+            break
+        if name == "classifier":
+            models["before"] = classifier.model_file(store)
+        test = marker["summary"].get("after", {}).get("test", {})
+        if name == "retrain" and all(test.get(k) == v for k, v in tested.items()):
+            chosen = (marker["summary"].get("per_class") or {}).get("chosen")
+            part = classifier.MODEL_PART if chosen is None else f"{classifier.MODEL_PART}-x{chosen:g}"
+            models["after"] = classifier.model_file(store, part)
+    if not models.get("after", Path()).is_file():
+        return {}
+    images, cells = draw_cue_probe(config.synth, per_cell, seed=config.synth.seed)
+    out = {}
+    for name, path in models.items():
+        model, settings, names = load_model(path)
+        predicted, _ = predict_images(model, images, settings.image_size, settings.batch_size, "cpu")
+        out[name] = cue_reliance(config.synth, cells, [names[i] for i in predicted])
+    return out
 
 
 def _pct(x: float) -> str:
@@ -262,6 +303,24 @@ def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cue_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
+    """Markdown: per draw, which cue the models follow on the cue probe (:func:`probe`; mean over seeds, in %):
+    the core shape (higher is better), another class's planted background or object (lower is better)."""
+    lines = ["| draw | seeds | shape (a) / (b) / (c) | another class's background followed (a) / (b) / (c) "
+             "| another class's object followed (a) / (b) / (c) |", "|---|---|---|---|---|"]
+    for draw in draws:
+        runs = {arm: [results[k]["cues"] for s in seeds if (k := f"{draw.stem}/{arm}/{s}") in results
+                      and results[k].get("cues")] for arm in ARMS}
+        if not runs["aspire"] or not runs["no-discovery"]:
+            continue
+        cells = []
+        for cue in ("shape", "background", "object"):
+            values = [[r["before"][cue] for r in runs["aspire"]], *([r["after"][cue] for r in runs[arm]] for arm in ARMS)]
+            cells.append(" / ".join("-" if None in v else _pct(statistics.mean(v)) for v in (values[0], values[2], values[1])))
+        lines.append(f"| {draw.stem} | {len(runs['aspire'])} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def ceiling_table(results: dict, draws: list[Path]) -> str:
     """Markdown: per draw, the balanced-data ERM run of ``--ceiling``."""
     lines = ["| draw | ceiling worst group | ceiling average | minutes |", "|---|---|---|---|"]
@@ -301,7 +360,8 @@ def main() -> None:
     arms = {} if args.ceiling_only else {a: o for a, o in ARMS.items() if a in args.arms.split(",")}
     results = run_suite(draws, seeds, args.root.resolve(), arms, results_name=args.results,
                         ceiling=args.ceiling or args.ceiling_only, sets=tuple(args.set))
-    text = ceiling_table(results, draws) if args.ceiling_only else table(results, draws, seeds)
+    text = ceiling_table(results, draws) if args.ceiling_only else (
+        table(results, draws, seeds) + "\n" + cue_table(results, draws, seeds))
     (args.root / Path(args.results).with_suffix(".md")).write_text(text)
     print(text)
 

@@ -235,3 +235,36 @@ def test_negative_control_draws_backgrounds_and_objects_independent_of_the_class
     other = next(r for r in train if r["objects"] and not r["has_object"])  # another class's object, drawn and captioned
     assert other["objects"][0] in other["caption"] or any(other["objects"][0] in b["phrase"] for b in other["boxes"])
     assert [b["phrase"] for b in other["boxes"]][1] == other["objects"][0]
+
+
+def test_cue_probe_crosses_every_class_with_every_background_and_object() -> None:
+    from aspire.synth import draw_cue_probe
+
+    config = small_config()
+    images, cells = draw_cue_probe(config, per_cell=2, seed=5)
+    per_class = len(config.backgrounds) * (len(config.objects) + 1) * 2
+    assert len(images) == len(cells) == len(config.classes) * per_class
+    assert Counter(cells) == {c: 2 for c in set(cells)}
+    assert {(label, config.classes[label].background, config.objects[0].name) for label in range(3)} <= set(cells)
+    again, _ = draw_cue_probe(config, per_cell=2, seed=5)
+    other, _ = draw_cue_probe(config, per_cell=2, seed=6)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
+
+
+def test_cue_reliance_says_which_cue_the_predictions_follow() -> None:
+    from aspire.synth import cue_reliance, draw_cue_probe
+
+    config = small_config()
+    _, cells = draw_cue_probe(config, per_cell=1)
+    names = [c.name for c in config.classes]
+    by_background = {c.background: c.name for c in config.classes}
+    by_object = {c.object: c.name for c in config.classes}
+    shape = cue_reliance(config, cells, [names[label] for label, _, _ in cells])
+    assert (shape["shape"], shape["background"], shape["object"]) == (1.0, 0.0, 0.0)
+    background = cue_reliance(config, cells, [by_background.get(bg, names[label]) for label, bg, _ in cells])
+    assert background["background"] == 1.0 and background["object"] < 1.0 and background["shape"] < 1.0
+    # an object decides when present, the background otherwise: what the ERM model of a shortcut draw learns
+    shortcut = [by_object.get(ob) or by_background.get(bg, names[label]) for label, bg, ob in cells]
+    followed = cue_reliance(config, cells, shortcut)
+    assert followed["object"] == 1.0 and 0 < followed["background"] < 1 and followed["shape"] < 0.5
