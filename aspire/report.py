@@ -59,6 +59,7 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "spurious": collapse.get("spurious"),
         "top_k": collapse.get("top_k"),
         "planted_found": collapse.get("planted"),
+        "cues": summaries.get("retrain", {}).get("cues"),
         "flipped": collapse.get("flipped"),
         "skip_reasons": {s: summaries[s].get("skip_reasons") for s in ("remove", "background") if s in summaries},
         "before": _accuracy_block(before.get("test")),
@@ -103,6 +104,21 @@ def worse_text(worse: dict[str, dict[str, Any]]) -> str:
             detail += (": " if detail else "") + f"{w['lost']} lost, {w['gained']} gained, p = {w['p']:.2g}"
         parts.append(f"{group} {_pct(w['before'])} -> {_pct(w['after'])}" + (f" ({detail})" if detail else ""))
     return ", ".join(parts) or "none"
+
+
+def cue_section(cues: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown: which cue the models before and after follow on the synthetic benchmark's cue probe."""
+    lines = ["", "## Which cue the model follows (synthetic benchmark: cue probe)", "",
+             f"Each class's core shape drawn on every background, with no object or with each object "
+             f"({cues['before']['images']} images, cues disagreeing in ways the test groups never show). The model "
+             "should follow the shape, not another class's planted background or object.", "",
+             "| model | follows the shape | follows another class's background | follows another class's object |",
+             "|---|---|---|---|"]
+    for name, label in (("before", "before (ERM)"), ("after", "after augmentation")):
+        if name in cues:
+            c = cues[name]
+            lines.append(f"| {label} | {_pct(c['shape'])} | {_pct(c['background'])} | {_pct(c['object'])} |")
+    return lines
 
 
 def per_class_text(choice: dict[str, Any]) -> str:
@@ -188,6 +204,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
                       "p < 0.05 by chance alone (about one in twenty of the groups that did not really change)."]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
+    if report.get("cues"):
+        lines += cue_section(report["cues"])
     if report.get("top_k") is not None:
         lines += _spurious_section(report)
         if images.get("top_k"):

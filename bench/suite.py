@@ -192,6 +192,7 @@ def summarise(report: dict, seconds: float, synth: SynthConfig) -> dict:
         "edits_kept": report["counts"]["edits_kept"],
         "generated": report["counts"]["generated"],
         "minutes": round(seconds / 60, 2),
+        "cues": report.get("cues"),
     }
 
 
@@ -234,8 +235,6 @@ def probe(config_path: Path, overrides: list[str], tested: dict, per_cell: int =
     classifier (``before``) and the retrain stage's tested model (``after``, the multiple it chose), as committed
     for ``overrides``. Empty when the retrain stage is not committed, trained a robust method, or its test
     accuracies are not ``tested`` (a result saved under other settings)."""
-    from aspire.classifier import load_model, predict_images
-    from aspire.synth import cue_reliance, draw_cue_probe
     from flows.keys import chain
     from tasks import classifier, ingest
 
@@ -254,13 +253,7 @@ def probe(config_path: Path, overrides: list[str], tested: dict, per_cell: int =
             models["after"] = classifier.model_file(store, part)
     if not models.get("after", Path()).is_file():
         return {}
-    images, cells = draw_cue_probe(config.synth, per_cell, seed=config.synth.seed)
-    out = {}
-    for name, path in models.items():
-        model, settings, names = load_model(path)
-        predicted, _ = predict_images(model, images, settings.image_size, settings.batch_size, "cpu")
-        out[name] = cue_reliance(config.synth, cells, [names[i] for i in predicted])
-    return out
+    return classifier.probe_cues(config.synth, models, per_cell)
 
 
 def _pct(x: float) -> str:

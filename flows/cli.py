@@ -131,6 +131,12 @@ def _print_summary(report: dict, workdir: Path) -> None:
         typer.echo(f"spurious for {name}: " + " | ".join("{" + ", ".join(g) + "}" for g in groups) + note)
     for name in report.get("no_spurious_found") or []:
         typer.echo(f"no spurious feature found for {name} ({report.get('spurious_rule')})")
+    cues = report.get("cues") or {}
+    if "after" in cues:
+        b, a = cues["before"], cues["after"]
+        typer.echo(f"cue probe (synthetic benchmark), before -> after: follows the shape {b['shape']:.2f} -> "
+                   f"{a['shape']:.2f}, another class's background {b['background']:.2f} -> {a['background']:.2f}, "
+                   f"another class's object {b['object']:.2f} -> {a['object']:.2f}")
     worse = report.get("worse_groups") or {}
     if worse:
         typer.echo(f"groups more than 5 points worse after augmentation: {worse_text(worse)}")

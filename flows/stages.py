@@ -285,6 +285,9 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         info["failures"] = len(info["quarantine"])
         summary |= {**info, "trained": not trained["cached"], "epochs": trained.get("epochs")}
         parts = [store.part_ref(part), *info["parts"]]
+        if config.synth is not None:  # a synthetic benchmark: which cue the models follow beside the test groups
+            summary["cues"] = classifier.probe_cues(config.synth, {"before": classifier.model_file(stores["classifier"]),
+                                                                   "after": classifier.model_file(store, part)})
     summary |= {"rows_in": received, "failures": summary.get("failures", 0),
                 "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
                 "test_changes": paired_changes(stores["classifier"].read_rows(), predicted)}

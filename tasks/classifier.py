@@ -23,6 +23,7 @@ from aspire.config import ClassifierConfig
 from aspire.images import ImageError, load_rgb
 from aspire.lazy import library_version
 from aspire.manifest import Row, class_names
+from aspire.synth import SynthConfig
 from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,22 @@ def run_predict(rows: list[Row], model_path: Path, model_digest: str) -> ShardRe
         for row, p, c in zip(kept, preds, confs)
     ]
     return ShardResult(out, quarantine, {"predicted": len(out)})
+
+
+def probe_cues(synth: SynthConfig, models: dict[str, Path], per_cell: int = 8) -> dict[str, dict]:
+    """Which cue each saved classifier follows on the synthetic benchmark's cue probe
+    (:func:`aspire.synth.draw_cue_probe`, :func:`aspire.synth.cue_reliance`): ``{name: {shape, background,
+    object, images}}``. The probe's images are drawn from the benchmark's seed, the same for every model."""
+    from aspire.classifier import load_model, predict_images
+    from aspire.synth import cue_reliance, draw_cue_probe
+
+    images, cells = draw_cue_probe(synth, per_cell, seed=synth.seed)
+    out = {}
+    for name, path in models.items():
+        model, config, names = load_model(path)
+        predicted, _ = predict_images(model, images, config.image_size, config.batch_size, config.device)
+        out[name] = cue_reliance(synth, cells, [names[i] for i in predicted])
+    return out
 
 
 @task(name="train-classifier", tags=["gpu"], cache_policy=NO_CACHE)

@@ -654,12 +654,19 @@ def test_stage_task_runs_keep_their_own_tags_and_progress_advances_without_a_ter
 def test_several_generate_multiples_are_compared_on_validation_and_the_best_is_tested(run_config, tmp_path):
     """generate.per_class [0.5, 0.25]: the larger multiple is generated, one model per multiple trains on each
     class's first generated images, and the best on validation (worst group, then average, then the smaller
-    multiple) is the one tested and reported; `aspire train` reads the same images back from the export."""
+    multiple) is the one tested and reported; `aspire train` reads the same images back from the export. On a
+    synthetic benchmark the report also says which cue the models before and after follow on the cue probe."""
     from aspire.config import load_config
     from flows.train import committed
 
+    config = yaml.safe_load(run_config.read_text()) | {"synth": SMALL}  # drawn by the run (its bad images go)
+    run_config.write_text(yaml.safe_dump(config))
     sets = ("generate.learn_from=held-out", "generate.per_class=[0.5,0.25]")  # the control always generates
     report = run(run_config, *sets)
+    synth = SynthConfig(**SMALL)
+    probed = len(synth.classes) * len(synth.backgrounds) * (len(synth.objects) + 1) * 8
+    assert set(report["cues"]) == {"before", "after"} and report["cues"]["after"]["images"] == probed
+    assert all(0 <= report["cues"][m][c] <= 1 for m in ("before", "after") for c in ("shape", "background", "object"))
     choice = report["per_class"]
     lines = choice["choices"]
     assert [c["per_class"] for c in lines] == [0.25, 0.5]
@@ -676,5 +683,6 @@ def test_several_generate_multiples_are_compared_on_validation_and_the_best_is_t
     originals = sum(r["split"] == "train" and r["source"] == "original" for r in augmented)
     assert summary(tmp_path / "run", "retrain")["train_rows"] == originals + best["generated"]
     assert "chosen on validation" in (tmp_path / "run" / "report.md").read_text()
+    assert "Which cue the model follows" in (tmp_path / "run" / "report.md").read_text()
     again = run(run_config, *sets)
     assert again["stages"]["retrain"]["cached"] and again["per_class"] == choice and again["after"] == report["after"]
