@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/suite.py [--root DIR] [--draws d01_demo,n01_no_correlation] [--seeds 0,1,2]
        [--ceiling | --ceiling-only] [--set classifier.epochs=18 ...] [--arms aspire] [--results NAME.json]
-       [--fresh N --fresh-seed S]
+       [--fresh N --fresh-seed S] [--tables-only]
 
 Each draw is ``configs/demo.yaml`` (the demo's settings, untouched) with the draw's ``synth`` section. Per draw
 and seed (``generate.seed`` and ``retrain.seed``) three arms are compared on the test split:
@@ -197,8 +197,10 @@ def summarise(report: dict, seconds: float, synth: SynthConfig) -> dict:
 
 
 def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, list[str]] = ARMS,
-              results_name: str = "suite.json", ceiling: bool = False, sets: tuple[str, ...] = ()) -> dict:
-    """Every (draw, seed, arm) not yet in ``root/results_name``, each saved there as soon as it is done."""
+              results_name: str = "suite.json", ceiling: bool = False, sets: tuple[str, ...] = (),
+              run: bool = True) -> dict:
+    """Every (draw, seed, arm) not yet in ``root/results_name``, each saved there as soon as it is done (with
+    ``run`` False, none: only the cue probe of saved runs that lack it)."""
     from flows.aspire import aspire_flow
 
     results_file = root / results_name
@@ -209,6 +211,8 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
             for arm, overrides in arms.items():
                 key = f"{draw.stem}/{arm}/{seed}"
                 run_overrides = [*sets, *overrides, f"generate.seed={seed}", f"retrain.seed={seed}"]
+                if key not in results and not run:
+                    continue
                 if key not in results:
                     start = time.perf_counter()
                     report = aspire_flow(config_path=str(config_path), overrides=run_overrides)
@@ -220,7 +224,7 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
                     results[key]["cues"] = probe(config_path, run_overrides, results[key]["after"])
                     results_file.write_text(json.dumps(results, indent=1))
         key = f"{draw.stem}/ceiling"
-        if ceiling and key not in results:
+        if ceiling and run and key not in results:
             start = time.perf_counter()
             report = aspire_flow(config_path=str(balanced_config(config_path)), overrides=list(sets), until="holdout")
             results[key] = {**{k: report["before"][k] for k in ("avg_acc", "worst_group_acc")},
@@ -336,6 +340,8 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run (default: all)")
     parser.add_argument("--results", default="suite.json",
                         help="results file under --root (another name keeps an ablation beside the suite's caches)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="run nothing: write the tables from the saved results (probing saved runs that lack it)")
     parser.add_argument("--fresh", type=int, default=0, metavar="N",
                         help="run N draws nobody has seen (made-up names, random settings) instead of configs/suite")
     parser.add_argument("--fresh-seed", type=int, default=1, help="seed of the --fresh draws")
@@ -352,7 +358,7 @@ def main() -> None:
         parser.error(f"--arms: unknown {', '.join(sorted(unknown))} (arms: {', '.join(ARMS)})")
     arms = {} if args.ceiling_only else {a: o for a, o in ARMS.items() if a in args.arms.split(",")}
     results = run_suite(draws, seeds, args.root.resolve(), arms, results_name=args.results,
-                        ceiling=args.ceiling or args.ceiling_only, sets=tuple(args.set))
+                        ceiling=args.ceiling or args.ceiling_only, sets=tuple(args.set), run=not args.tables_only)
     text = ceiling_table(results, draws) if args.ceiling_only else (
         table(results, draws, seeds) + "\n" + cue_table(results, draws, seeds))
     (args.root / Path(args.results).with_suffix(".md")).write_text(text)
