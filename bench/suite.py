@@ -303,7 +303,7 @@ def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
 def cue_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
     """Markdown: per draw, which cue the models follow on the cue probe (:func:`probe`; mean over seeds, in %):
     the core shape (higher is better), another class's planted background or object (lower is better)."""
-    lines = ["| draw | seeds | shape (a) / (b) / (c) | another class's background followed (a) / (b) / (c) "
+    lines = ["| draw | seeds (b) / (c) | shape (a) / (b) / (c) | another class's background followed (a) / (b) / (c) "
              "| another class's object followed (a) / (b) / (c) |", "|---|---|---|---|---|"]
     for draw in draws:
         runs = {arm: [results[k]["cues"] for s in seeds if (k := f"{draw.stem}/{arm}/{s}") in results
@@ -314,7 +314,7 @@ def cue_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
         for cue in ("shape", "background", "object"):
             values = [[r["before"][cue] for r in runs["aspire"]], *([r["after"][cue] for r in runs[arm]] for arm in ARMS)]
             cells.append(" / ".join("-" if None in v else _pct(statistics.mean(v)) for v in (values[0], values[2], values[1])))
-        lines.append(f"| {draw.stem} | {len(runs['aspire'])} | {' | '.join(cells)} |")
+        lines.append(f"| {draw.stem} | {len(runs['no-discovery'])} / {len(runs['aspire'])} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
