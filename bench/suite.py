@@ -240,7 +240,7 @@ def probe(config_path: Path, overrides: list[str], tested: dict, per_cell: int =
     for ``overrides``. Empty when the retrain stage is not committed, trained a robust method, or its test
     accuracies are not ``tested`` (a result saved under other settings)."""
     from flows.keys import chain
-    from tasks import classifier, ingest
+    from tasks import classifier, ingest, retrain
 
     config = load_config(config_path, overrides)
     models = {}
@@ -253,8 +253,7 @@ def probe(config_path: Path, overrides: list[str], tested: dict, per_cell: int =
         test = marker["summary"].get("after", {}).get("test", {})
         if name == "retrain" and all(test.get(k) == v for k, v in tested.items()):
             chosen = (marker["summary"].get("per_class") or {}).get("chosen")
-            part = classifier.MODEL_PART if chosen is None else f"{classifier.MODEL_PART}-x{chosen:g}"
-            models["after"] = classifier.model_file(store, part)
+            models["after"] = classifier.model_file(store, retrain.multiple_part(classifier.MODEL_PART, chosen))
     if not models.get("after", Path()).is_file():
         return {}
     return classifier.probe_cues(config.synth, models, per_cell)

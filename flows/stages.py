@@ -308,7 +308,7 @@ def _choose_multiple(choices: list[float] | None, rows: list[Row], part: str,
     table, best = [], None
     for multiple in choices:
         subset = generate.with_multiple(rows, multiple)
-        val = holdout.evaluate(fit(f"{part}-x{multiple:g}", subset), subset).get("val") or {}
+        val = holdout.evaluate(fit(retrain.multiple_part(part, multiple), subset), subset).get("val") or {}
         line = {"per_class": multiple, "generated": sum(r.get("source") == "generated" for r in subset),
                 "val_worst_group_acc": val.get("worst_group_acc"), "val_avg_acc": val.get("avg_acc")}
         table.append(line)
@@ -317,7 +317,7 @@ def _choose_multiple(choices: list[float] | None, rows: list[Row], part: str,
     get_run_logger().info("retrain: per_class %g chosen on validation (%s)", best["per_class"], ", ".join(
         f"{t['per_class']:g}x: worst group {t['val_worst_group_acc']}, average {t['val_avg_acc']}" for t in table))
     chosen = best["per_class"]
-    return f"{part}-x{chosen:g}", generate.with_multiple(rows, chosen), {"per_class": {"choices": table, "chosen": chosen}}
+    return retrain.multiple_part(part, chosen), generate.with_multiple(rows, chosen), {"per_class": {"choices": table, "chosen": chosen}}
 
 
 COMPUTE = {"ingest": _ingest, "classifier": _classifier, "holdout": _holdout, "caption": _caption, "extract": _extract,

@@ -26,6 +26,12 @@ PREDICTIONS = "predictions.jsonl"
 CAPTIONS = "captions.jsonl"
 
 
+def multiple_part(part: str, multiple: float | None) -> str:
+    """The committed part of the model trained with one of several ``generate.per_class`` multiples
+    (``model-x2``); ``part`` itself when there was one multiple (None)."""
+    return part if multiple is None else f"{part}-x{multiple:g}"
+
+
 def has_group_labels(rows: list[Row]) -> bool:
     """Whether every row of the dataset (generated rows aside) has a ``group``."""
     return all(r.get("group") is not None for r in rows if r.get("source") != "generated")
