@@ -83,6 +83,43 @@ def paired_changes(before: Iterable[Row], after: Iterable[Row], split: str = "te
     return changes
 
 
+CONTEXT_KEYS = ("scene", "objects")
+"""Row keys that say what else an image shows (the synthetic benchmark's background and objects): images of
+other classes with the same values share a group's context."""
+
+
+def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test") -> dict[str, dict]:
+    """Per group of ``split`` that lost images (right before, wrong after, paired by ``image_id``): ``lost_to``,
+    the classes the after model gave them (``{class name: images}``), and, when rows carry :data:`CONTEXT_KEYS`,
+    ``context``: how often each model gave the group's class to the *other* classes' images with the group's
+    context (``{"images", "before", "after"}``; None when no other class shows it). A model that gave the class to
+    almost every image in that context was right on the group because of the context, not the class."""
+    before_rows = {r["image_id"]: r for r in before if r["split"] == split}
+    after_rows = {r["image_id"]: r for r in after if r["split"] == split and r["image_id"] in before_rows}
+    names = {r["label"]: r["class_name"] for r in before_rows.values()}
+
+    def context(row: Row) -> tuple | None:
+        if not all(k in row for k in CONTEXT_KEYS):
+            return None
+        return tuple(tuple(sorted(v)) if isinstance(v, list) else v for v in (row[k] for k in CONTEXT_KEYS))
+
+    out: dict[str, dict] = {}
+    for image_id, now in after_rows.items():
+        was = before_rows[image_id]
+        if was["pred"] == was["label"] and now["pred"] != now["label"]:
+            lost_to = out.setdefault(group_name(now), {"lost_to": {}, "label": now["label"], "context": context(now)})["lost_to"]
+            name = names.get(now["pred"], str(now["pred"]))
+            lost_to[name] = lost_to.get(name, 0) + 1
+    for detail in out.values():
+        label, where = detail.pop("label"), detail.pop("context")
+        peers = [i for i, r in after_rows.items() if where is not None and r["label"] != label and context(r) == where]
+        detail["lost_to"] = dict(sorted(detail["lost_to"].items(), key=lambda kv: (-kv[1], kv[0])))
+        detail["context"] = {"images": len(peers),
+                             "before": sum(before_rows[i]["pred"] == label for i in peers) / len(peers),
+                             "after": sum(after_rows[i]["pred"] == label for i in peers) / len(peers)} if peers else None
+    return out
+
+
 def chance_of_losing(lost: int, gained: int) -> float:
     """McNemar's exact test, one-sided: the chance that a model no worse than the other loses at least ``lost`` of
     the ``lost + gained`` images the two disagree on (each disagreement a fair coin). Small: the group really got

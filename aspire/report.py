@@ -48,9 +48,13 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "generated": summaries.get("generate", {}).get("generated"),
         "quarantined": len(quarantine),
     }
+    choice = summaries.get("retrain", {}).get("per_class")
+    if choice:  # several multiples generated: the retrained model saw the chosen one's images
+        counts["generated_used"] = next(c["generated"] for c in choice["choices"] if c["per_class"] == choice["chosen"])
     after = summaries.get("retrain", {}).get("after", {})
     return {
-        "worse_groups": worse_groups(before.get("test"), after.get("test"), summaries.get("retrain", {}).get("test_changes")),
+        "worse_groups": worse_groups(before.get("test"), after.get("test"), summaries.get("retrain", {}).get("test_changes"),
+                                     summaries.get("retrain", {}).get("test_lost")),
         "per_class": summaries.get("retrain", {}).get("per_class"),
         "no_spurious_found": collapse.get("no_spurious_found"),
         "spurious_rule": collapse.get("rule"),
@@ -74,13 +78,20 @@ WORSE_BY = 0.05
 """A test group whose accuracy drops by more than this after augmentation is reported: generation may have
 opened a new shortcut."""
 
+FROM_CONTEXT = 0.5
+"""A worse group's accuracy before came from its context when the model before gave its class to at least this
+share of the other classes' test images with the same context (:func:`aspire.metrics.lost_images`)."""
+
 
 def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None,
-                 changes: dict[str, list[int]] | None = None) -> dict[str, dict[str, Any]]:
+                 changes: dict[str, list[int]] | None = None,
+                 lost: dict[str, dict] | None = None) -> dict[str, dict[str, Any]]:
     """Test groups whose accuracy fell by more than :data:`WORSE_BY`: ``{group: {before, after, images, lost,
     gained, p}}``. ``images``: the group's test images (in a group of 20 one image is 5 points, and a second seed
     moves one or two). With ``changes`` (:func:`aspire.metrics.paired_changes`): the images the augmented model
-    lost and gained, and ``p``, McNemar's one-sided exact chance of losing that many by luck; None without."""
+    lost and gained, and ``p``, McNemar's one-sided exact chance of losing that many by luck; None without.
+    With ``lost`` (:func:`aspire.metrics.lost_images`): also ``lost_to`` (the classes the lost images went to)
+    and, where the rows tell the context, ``context`` and ``from_context`` (see :data:`FROM_CONTEXT`)."""
     if not before or not after:
         return {}
     sizes = before.get("group_sizes") or {}
@@ -89,19 +100,39 @@ def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None,
         now = after["per_group"].get(group)
         if now is None or now >= was - WORSE_BY:
             continue
-        lost, gained = (changes or {}).get(group, (None, None))
-        worse[group] = {"before": was, "after": now, "images": sizes.get(group), "lost": lost, "gained": gained,
-                        "p": None if lost is None else chance_of_losing(lost, gained)}
+        n_lost, gained = (changes or {}).get(group, (None, None))
+        worse[group] = {"before": was, "after": now, "images": sizes.get(group), "lost": n_lost, "gained": gained,
+                        "p": None if n_lost is None else chance_of_losing(n_lost, gained)}
+        worse[group] |= where_lost((lost or {}).get(group))
     return worse
 
 
+def where_lost(detail: dict | None) -> dict[str, Any]:
+    """A worse group's ``lost_to``, ``context`` and ``from_context`` from its :func:`aspire.metrics.lost_images`
+    entry (nothing without one)."""
+    if not detail:
+        return {}
+    context = detail.get("context")
+    return {"lost_to": detail["lost_to"], "context": context,
+            "from_context": context is not None and context["before"] >= FROM_CONTEXT}
+
+
 def worse_text(worse: dict[str, dict[str, Any]]) -> str:
-    """``group before -> after (n images: l lost, g gained, p = ...)`` per worse group, comma-separated ("none")."""
+    """``group before -> after (n images: l lost, g gained, p = ...; lost to ...; context ...)`` per worse group,
+    comma-separated ("none")."""
     parts = []
     for group, w in worse.items():
-        detail = f"{w['images']} images" if w.get("images") else ""
+        details = [f"{w['images']} images" if w.get("images") else ""]
         if w.get("p") is not None:
-            detail += (": " if detail else "") + f"{w['lost']} lost, {w['gained']} gained, p = {w['p']:.2g}"
+            details[0] += (": " if details[0] else "") + f"{w['lost']} lost, {w['gained']} gained, p = {w['p']:.2g}"
+        if w.get("lost_to"):
+            details.append("lost to " + ", ".join(f"{name} {n}" for name, n in w["lost_to"].items()))
+        if w.get("context"):
+            c = w["context"]
+            details.append(f"the other classes' {c['images']} test images with its context were given its class "
+                           f"{_pct(c['before'])} -> {_pct(c['after'])}"
+                           + (": its accuracy before came from the context" if w.get("from_context") else ""))
+        detail = "; ".join(d for d in details if d)
         parts.append(f"{group} {_pct(w['before'])} -> {_pct(w['after'])}" + (f" ({detail})" if detail else ""))
     return ", ".join(parts) or "none"
 
@@ -202,6 +233,12 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
                       "augmentation made the group no worse (McNemar's exact test, one-sided); a drop with p above "
                       "0.05 is within what chance, such as another seed, makes. With many groups, some reach "
                       "p < 0.05 by chance alone (about one in twenty of the groups that did not really change)."]
+        if any(w.get("context") for w in worse.values()):
+            lines += ["", "Context: the group's background and objects (the test rows' `scene` and `objects`). When "
+                      f"the model before gave the group's class to {100 * FROM_CONTEXT:.0f}% or more of the other "
+                      "classes' images with that context, it was right on the group because of the context (a "
+                      "shortcut): losing some of the group is the cost of no longer following it. A worse group "
+                      "without that may be a new shortcut: see which class its lost images went to."]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("cues"):

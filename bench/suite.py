@@ -41,13 +41,16 @@ import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
 
 from aspire.config import load_config
+from aspire.metrics import lost_images
+from aspire.report import where_lost
 from aspire.synth import CORE_COLOR, SynthConfig, planted_found
-from flows.runtime import prefect_defaults
+from flows.runtime import prefect_defaults, stop_children_on_death
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "configs" / "suite"
@@ -220,8 +223,12 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
                     results[key] = summarise(report, time.perf_counter() - start, synth)
                     results_file.write_text(json.dumps(results, indent=1))
                     print(key, json.dumps(results[key]["after"]), results[key]["generated"], flush=True)
-                if not results[key].get("cues"):  # also for runs saved before the probe existed (committed models)
-                    results[key]["cues"] = probe(config_path, run_overrides, results[key]["after"])
+                worse = results[key].get("worse_groups") or {}
+                unexplained = any(isinstance(w, dict) and "lost_to" not in w for w in worse.values())
+                if not results[key].get("cues") or unexplained:  # runs saved before these existed (committed models)
+                    found = committed(config_path, run_overrides, results[key]["after"])
+                    results[key]["cues"] = results[key].get("cues") or probe(found)
+                    results[key]["worse_groups"] = explain_worse(found, worse) if unexplained else worse
                     results_file.write_text(json.dumps(results, indent=1))
         key = f"{draw.stem}/ceiling"
         if ceiling and run and key not in results:
@@ -234,29 +241,48 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
     return results
 
 
-def probe(config_path: Path, overrides: list[str], tested: dict, per_cell: int = 8) -> dict:
-    """Which cue the run's models follow (:func:`aspire.synth.cue_reliance` on the draw's cue probe): the ERM
-    classifier (``before``) and the retrain stage's tested model (``after``, the multiple it chose), as committed
-    for ``overrides``. Empty when the retrain stage is not committed, trained a robust method, or its test
-    accuracies are not ``tested`` (a result saved under other settings)."""
+def committed(config_path: Path, overrides: list[str], tested: dict) -> dict[str, Any]:
+    """The run's draw (``synth``), its committed ``classifier`` store and ``before`` (the ERM model's file), and,
+    when its retrain stage is committed with test accuracies ``tested`` (not a result saved under other settings),
+    its ``retrain`` store and ``after`` (the file of the model of the multiple it chose)."""
     from flows.keys import chain
     from tasks import classifier, ingest, retrain
 
     config = load_config(config_path, overrides)
-    models = {}
+    found: dict[str, Any] = {"synth": config.synth}
     for name, store in chain(config, ingest.list_dataset(config)):
         marker = store.stage_marker()
         if marker is None:
             break
         if name == "classifier":
-            models["before"] = classifier.model_file(store)
+            found |= {"classifier": store, "before": classifier.model_file(store)}
         test = marker["summary"].get("after", {}).get("test", {})
         if name == "retrain" and all(test.get(k) == v for k, v in tested.items()):
             chosen = (marker["summary"].get("per_class") or {}).get("chosen")
-            models["after"] = classifier.model_file(store, retrain.multiple_part(classifier.MODEL_PART, chosen))
-    if not models.get("after", Path()).is_file():
+            found |= {"retrain": store,
+                      "after": classifier.model_file(store, retrain.multiple_part(classifier.MODEL_PART, chosen))}
+    return found
+
+
+def probe(run: dict[str, Any], per_cell: int = 8) -> dict:
+    """Which cue the run's models follow (:func:`aspire.synth.cue_reliance` on the draw's cue probe): the ERM
+    classifier (``before``) and the retrain stage's tested model (``after``), as :func:`committed` found them.
+    Empty when the retrain stage is not committed or trained a robust method."""
+    from tasks import classifier
+
+    if not run.get("after", Path()).is_file():
         return {}
-    return classifier.probe_cues(config.synth, models, per_cell)
+    return classifier.probe_cues(run["synth"], {k: run[k] for k in ("before", "after")}, per_cell)
+
+
+def explain_worse(run: dict[str, Any], worse: dict) -> dict:
+    """``worse`` (a saved run's worse groups) with where their lost images went and their context
+    (:func:`aspire.report.where_lost` from the committed predictions; unchanged when the run is not committed)."""
+    if "retrain" not in run:
+        return worse
+    lost = lost_images(run["classifier"].read_rows(), run["retrain"].read_rows())
+    return {group: {**w, **where_lost(lost.get(group))} if isinstance(w, dict) else w  # an old [before, after]
+            for group, w in worse.items()}
 
 
 def _pct(x: float) -> str:
@@ -271,7 +297,9 @@ def _mean_std(values: list[float]) -> str:
 
 def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
     """Markdown: per draw, planted features found, worst-group / average test accuracy of (a), (b), (c). A worse
-    group marked * lost more of its images than chance makes (p < 0.05 on some seed; :func:`aspire.report.worse_groups`)."""
+    group marked * lost more of its images than chance makes (p < 0.05 on some seed; :func:`aspire.report.worse_groups`);
+    one marked (context) was right before only because the ERM model gave its class to that context
+    (:data:`aspire.report.FROM_CONTEXT`)."""
     lines = ["| draw | planted in top-3 | planted claimed | features claimed | edits kept | worst group (a) none / (b) no discovery / (c) ASPIRE "
              "| average (a) / (b) / (c) | groups > 5 pts worse (c) | ceiling: balanced data, worst / average | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -289,7 +317,10 @@ def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
                           _mean_std([r["after"]["avg_acc"] for r in c])])
         beyond_chance = {g for r in c for g, w in (r["worse_groups"] or {}).items()
                          if isinstance(w, dict) and w.get("p") is not None and w["p"] < 0.05}
-        worse = [g + "*" * (g in beyond_chance) for g in sorted({g for r in c for g in (r["worse_groups"] or {})})]
+        from_context = {g for r in c for g, w in (r["worse_groups"] or {}).items()
+                        if isinstance(w, dict) and w.get("from_context")}
+        worse = [g + "*" * (g in beyond_chance) + " (context)" * (g in from_context)
+                 for g in sorted({g for r in c for g in (r["worse_groups"] or {})})]
         minutes = round(sum(r["minutes"] for r in c + b), 1)
         bound = results.get(f"{draw.stem}/ceiling")
         bound = f"{_pct(bound['worst_group_acc'])} / {_pct(bound['avg_acc'])}" if bound else "not run"
@@ -352,6 +383,7 @@ def main() -> None:
         draws = [d for d in draws if d.stem in wanted]
     seeds = [int(s) for s in args.seeds.split(",")]
     prefect_defaults()
+    stop_children_on_death()  # killed (SIGTERM or SIGKILL), the suite must not leave Prefect's server running
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
         parser.error(f"--arms: unknown {', '.join(sorted(unknown))} (arms: {', '.join(ARMS)})")

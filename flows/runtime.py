@@ -56,21 +56,31 @@ class _NoTracebackForStops(logging.Filter):
 
 _WATCHDOG = """
 import os, signal, sys, time
-parent, me, seen = int(sys.argv[1]), os.getpid(), set()
+parent, me, seen = int(sys.argv[1]), os.getpid(), {}
+
+def started(pid):  # the process's start time: a pid reused by another process has another
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
 while True:
     alive = os.getppid() == parent  # once the parent dies this process is re-parented
     if alive:
-        try:
+        try:  # remembered, not replaced: a parent shutting down on SIGTERM may list no children at the end
             with open(f"/proc/{parent}/task/{parent}/children") as f:
-                seen = {int(p) for p in f.read().split()} - {me}
+                for pid in {int(p) for p in f.read().split()} - {me} - set(seen):
+                    seen[pid] = started(pid)
         except OSError:
             alive = False
-    if not alive:  # stop what the parent had started, as it last listed them
-        for pid in seen:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
+    if not alive:  # stop what the parent had started and is still running
+        for pid, start in seen.items():
+            if start is not None and started(pid) == start:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
         break
     time.sleep(0.5)
 """

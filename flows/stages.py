@@ -16,7 +16,7 @@ from prefect.artifacts import create_table_artifact
 from aspire.cache import StageStore
 from aspire.config import DatasetConfig, RunConfig
 from aspire.manifest import Row
-from aspire.metrics import paired_changes, selection_key
+from aspire.metrics import lost_images, paired_changes, selection_key
 from aspire.readers import read_dataset
 from aspire.synth import planted_found
 from flows.running import StageFailed, artifact_key, run_shards
@@ -288,9 +288,10 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         if config.synth is not None:  # a synthetic benchmark: which cue the models follow beside the test groups
             summary["cues"] = classifier.probe_cues(config.synth, {"before": classifier.model_file(stores["classifier"]),
                                                                    "after": classifier.model_file(store, part)})
+    before = stores["classifier"].read_rows()
     summary |= {"rows_in": received, "failures": summary.get("failures", 0),
                 "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
-                "test_changes": paired_changes(stores["classifier"].read_rows(), predicted)}
+                "test_changes": paired_changes(before, predicted), "test_lost": lost_images(before, predicted)}
     return predicted, summary, parts
 
 

@@ -33,3 +33,27 @@ def test_average_weighted_by_training_groups_as_the_waterbirds_papers_report():
     assert result["avg_acc"] == pytest.approx(0.625)
     assert result["weighted_avg_acc"] == pytest.approx(0.9 * 1.0 + 0.1 * 0.25)
     assert "weighted_avg_acc" not in group_accuracy(test)
+
+
+def test_lost_images_say_where_they_went_and_how_the_models_treated_the_context():
+    """Two cats on grass are lost to fox. Before, the model called every other class's image on grass without
+    objects "cat" (right on the cats because of the grass); after, none. A fox with a ball on grass is another
+    context; rows without a scene have none."""
+    from aspire.metrics import lost_images
+
+    names = {0: "cat", 1: "fox", 2: "owl"}
+
+    def row(i, label, scene, pred, objects=()):
+        return {"image_id": f"{i}", "split": "test", "label": label, "class_name": names[label], "pred": pred,
+                "group": label, "group_name": f"{names[label]}|{scene}", "scene": scene, "objects": list(objects)}
+
+    before = [row(0, 0, "grass", 0), row(1, 0, "grass", 0), row(2, 0, "grass", 0), row(3, 1, "grass", 0),
+              row(4, 2, "grass", 0), row(5, 1, "grass", 1, ["ball"]), row(6, 1, "grass", 1)]
+    after = [row(0, 0, "grass", 1), row(1, 0, "grass", 1), row(2, 0, "grass", 0), row(3, 1, "grass", 1),
+             row(4, 2, "grass", 2), row(5, 1, "grass", 0, ["ball"]), row(6, 1, "grass", 1)]
+    lost = lost_images(before, after)
+    assert lost["0:cat|grass"] == {"lost_to": {"fox": 2}, "context": {"images": 3, "before": 2 / 3, "after": 0.0}}
+    assert lost["1:fox|grass"] == {"lost_to": {"cat": 1}, "context": None}  # nobody else has a ball
+    assert set(lost) == {"0:cat|grass", "1:fox|grass"}  # owl gained, lost nothing
+    before, after = ([{k: v for k, v in r.items() if k != "scene"} for r in rows] for rows in (before, after))
+    assert lost_images(before, after)["0:cat|grass"] == {"lost_to": {"fox": 2}, "context": None}

@@ -51,6 +51,27 @@ def test_a_worse_group_says_how_likely_chance_alone_made_its_drop():
     assert "McNemar's exact test, one-sided" in text
 
 
+def test_a_worse_group_says_where_its_images_went_and_whether_its_accuracy_came_from_the_context():
+    was = evaluation({"cat/grass": 1.0, "fox/sofa": 1.0, "owl/tree": 0.5})
+    now = evaluation({"cat/grass": 0.7, "fox/sofa": 0.8, "owl/tree": 0.9})
+    lost = {"cat/grass": {"lost_to": {"fox": 2, "owl": 1}, "context": {"images": 20, "before": 0.95, "after": 0.1}},
+            "fox/sofa": {"lost_to": {"cat": 2}, "context": None}, "owl/tree": {"lost_to": {"cat": 1}, "context": None}}
+    report = build_report({"holdout": {"before": {"test": was}},
+                           "retrain": {"after": {"test": now}, "test_changes": {"cat/grass": [3, 0], "fox/sofa": [2, 0]},
+                                       "test_lost": lost}})
+    worse = report["worse_groups"]
+    assert set(worse) == {"cat/grass", "fox/sofa"} and worse["cat/grass"]["from_context"]
+    assert worse["fox/sofa"]["lost_to"] == {"cat": 2} and not worse["fox/sofa"]["from_context"]
+    text = render_markdown(report)
+    assert ("cat/grass 100.0% -> 70.0% (10 images: 3 lost, 0 gained, p = 0.12; lost to fox 2, owl 1; the other "
+            "classes' 20 test images with its context were given its class 95.0% -> 10.0%: its accuracy before came "
+            "from the context)") in text
+    assert "fox/sofa 100.0% -> 80.0% (10 images: 2 lost, 0 gained, p = 0.25; lost to cat 2)" in text
+    assert "losing some of the group is the cost of no longer following it" in text
+    calm = {"lost_to": {"fox": 2}, "context": {"images": 20, "before": 0.3, "after": 0.1}}
+    assert not worse_groups(was, now, None, {"cat/grass": calm})["cat/grass"]["from_context"]
+
+
 def test_report_shows_the_rule_flip_rates_and_the_classes_without_a_feature():
     collapse = {"spurious": {"cat": [["ball"]]}, "no_spurious_found": ["fox"], "rule": "RULE",
                 "top_k": {"cat": [{"phrases": ["ball"], "count": 12, "tried": 40, "flip_rate": 0.3, "confident": True,
