@@ -83,26 +83,31 @@ def paired_changes(before: Iterable[Row], after: Iterable[Row], split: str = "te
     return changes
 
 
-CONTEXT_KEYS = ("scene", "objects")
-"""Row keys that say what else an image shows (the synthetic benchmark's background and objects): images of
-other classes with the same values share a group's context."""
+CONTEXT_KEYS = ("scene", "objects", "place", "spurious")
+"""Row keys that say what else an image shows besides its class: the synthetic benchmark's background (``scene``)
+and ``objects``, Waterbirds' ``place``, a class/spurious folder tree's ``spurious``. Images of other classes with
+the same values share a group's context."""
 
 
 def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test") -> dict[str, dict]:
     """Per group of ``split`` that lost images (right before, wrong after, paired by ``image_id``): ``lost_to``,
-    the classes the after model gave them (``{class name: images}``), and, when rows carry :data:`CONTEXT_KEYS`,
-    ``context``: how often each model gave the group's class to the *other* classes' images with the group's
-    context (``{"images", "before", "after"}``; None when no other class shows it). A model that gave the class to
-    almost every image in that context was right on the group because of the context, not the class."""
+    the classes the after model gave them (``{class name: images}``), and, when rows carry any of
+    :data:`CONTEXT_KEYS`, ``context``: how often each model gave the group's class to the *other* classes' images
+    with the lost images' context (``{"images", "before", "after"}``; None when no other class shows it). A model
+    that gave the class to almost every image in that context was right on the group because of the context,
+    not the class."""
     before_rows = {r["image_id"]: r for r in before if r["split"] == split}
     after_rows = {r["image_id"]: r for r in after if r["split"] == split and r["image_id"] in before_rows}
     names = {r["label"]: r["class_name"] for r in before_rows.values()}
 
     def context(row: Row) -> tuple | None:
-        if not all(k in row for k in CONTEXT_KEYS):
-            return None
-        return tuple(tuple(sorted(v)) if isinstance(v, list) else v for v in (row[k] for k in CONTEXT_KEYS))
+        found = tuple((k, tuple(sorted(row[k])) if isinstance(row[k], list) else row[k])
+                      for k in CONTEXT_KEYS if row.get(k) is not None)
+        return found or None
 
+    sharing: dict[tuple, list[str]] = defaultdict(list)  # context: the image ids that show it
+    for image_id, row in after_rows.items():
+        sharing[context(row)].append(image_id)
     out: dict[str, dict] = {}
     for image_id, now in after_rows.items():
         was = before_rows[image_id]
@@ -112,7 +117,7 @@ def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test"
             lost_to[name] = lost_to.get(name, 0) + 1
     for detail in out.values():
         label, where = detail.pop("label"), detail.pop("context")
-        peers = [i for i, r in after_rows.items() if where is not None and r["label"] != label and context(r) == where]
+        peers = [i for i in sharing[where] if after_rows[i]["label"] != label] if where is not None else []
         detail["lost_to"] = dict(sorted(detail["lost_to"].items(), key=lambda kv: (-kv[1], kv[0])))
         detail["context"] = {"images": len(peers),
                              "before": sum(before_rows[i]["pred"] == label for i in peers) / len(peers),

@@ -234,7 +234,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
                       "0.05 is within what chance, such as another seed, makes. With many groups, some reach "
                       "p < 0.05 by chance alone (about one in twenty of the groups that did not really change)."]
         if any(w.get("context") for w in worse.values()):
-            lines += ["", "Context: the group's background and objects (the test rows' `scene` and `objects`). When "
+            lines += ["", "Context: what the group's images show besides their class (the test rows' `scene` and "
+                      "`objects`, `place` or `spurious`). When "
                       f"the model before gave the group's class to {100 * FROM_CONTEXT:.0f}% or more of the other "
                       "classes' images with that context, it was right on the group because of the context (a "
                       "shortcut): losing some of the group is the cost of no longer following it. A worse group "
