@@ -267,19 +267,19 @@ def fit(model: nn.Module, train_rows: Sequence[Row], val_rows: Sequence[Row], co
             model.train()
             total, correct, seen = 0.0, 0, 0
             # A progress bar beside the loop, not around it: tqdm(loader) changes the loader's shuffle order.
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None)
-            for images, labels, index in loader:
-                bar.update(1)
-                images, labels = images.to(device), labels.to(device)
-                logits = model(images)  # (B, K)
-                loss = loss_fn(logits, labels, index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * len(labels)
-                correct += (logits.argmax(1) == labels).sum().item()
-                seen += len(labels)
-            bar.close()
+            # Closed however the epoch ends: an interrupted run's last lines are not written over a stale bar.
+            with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=None) as bar:
+                for images, labels, index in loader:
+                    bar.update(1)
+                    images, labels = images.to(device), labels.to(device)
+                    logits = model(images)  # (B, K)
+                    loss = loss_fn(logits, labels, index)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.item() * len(labels)
+                    correct += (logits.argmax(1) == labels).sum().item()
+                    seen += len(labels)
             val = evaluate(model, val_rows, config) if val_rows else {}
             record = {"epoch": epoch, "loss": total / seen, "train_acc": correct / seen, "val_avg_acc": val.get("avg_acc"),
                       "val_worst_group_acc": val.get("worst_group_acc"), "val_worst_group": val.get("worst_group")}

@@ -89,16 +89,20 @@ and ``objects``, Waterbirds' ``place``, a class/spurious folder tree's ``spuriou
 the same values share a group's context."""
 
 
-def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test") -> dict[str, dict]:
+def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test",
+                more: tuple[Iterable[Row], Iterable[Row]] = ((), ())) -> dict[str, dict]:
     """Per group of ``split`` that lost images (right before, wrong after, paired by ``image_id``): ``lost_to``,
     the classes the after model gave them (``{class name: images}``), and, when rows carry any of
     :data:`CONTEXT_KEYS`, ``context``: how often each model gave the group's class to the *other* classes' images
     with the lost images' context (``{"images", "before", "after"}``; None when no other class shows it). A model
     that gave the class to almost every image in that context was right on the group because of the context,
-    not the class."""
+    not the class. ``more``: the two models' predictions on other images that only count as images of a context
+    (the synthetic benchmark's cue probe, which shows every class beside every object and background)."""
     before_rows = {r["image_id"]: r for r in before if r["split"] == split}
     after_rows = {r["image_id"]: r for r in after if r["split"] == split and r["image_id"] in before_rows}
     names = {r["label"]: r["class_name"] for r in before_rows.values()}
+    before_seen = before_rows | {r["image_id"]: r for r in more[0]}
+    after_seen = after_rows | {r["image_id"]: r for r in more[1] if r["image_id"] in before_seen}
 
     def context(row: Row) -> tuple | None:
         found = tuple((k, tuple(sorted(row[k])) if isinstance(row[k], list) else row[k])
@@ -106,7 +110,7 @@ def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test"
         return found or None
 
     sharing: dict[tuple, list[str]] = defaultdict(list)  # context: the image ids that show it
-    for image_id, row in after_rows.items():
+    for image_id, row in after_seen.items():
         sharing[context(row)].append(image_id)
     out: dict[str, dict] = {}
     for image_id, now in after_rows.items():
@@ -117,11 +121,11 @@ def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test"
             lost_to[name] = lost_to.get(name, 0) + 1
     for detail in out.values():
         label, where = detail.pop("label"), detail.pop("context")
-        peers = [i for i in sharing[where] if after_rows[i]["label"] != label] if where is not None else []
+        peers = [i for i in sharing[where] if after_seen[i]["label"] != label] if where is not None else []
         detail["lost_to"] = dict(sorted(detail["lost_to"].items(), key=lambda kv: (-kv[1], kv[0])))
         detail["context"] = {"images": len(peers),
-                             "before": sum(before_rows[i]["pred"] == label for i in peers) / len(peers),
-                             "after": sum(after_rows[i]["pred"] == label for i in peers) / len(peers)} if peers else None
+                             "before": sum(before_seen[i]["pred"] == label for i in peers) / len(peers),
+                             "after": sum(after_seen[i]["pred"] == label for i in peers) / len(peers)} if peers else None
     return out
 
 

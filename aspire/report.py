@@ -129,8 +129,8 @@ def worse_text(worse: dict[str, dict[str, Any]]) -> str:
             details.append("lost to " + ", ".join(f"{name} {n}" for name, n in w["lost_to"].items()))
         if w.get("context"):
             c = w["context"]
-            details.append(f"the other classes' {c['images']} test images with its context were given its class "
-                           f"{_pct(c['before'])} -> {_pct(c['after'])}"
+            details.append(f"other classes' images with its context given its class: {_pct(c['before'])} -> "
+                           f"{_pct(c['after'])} of {c['images']}"
                            + (": its accuracy before came from the context" if w.get("from_context") else ""))
         detail = "; ".join(d for d in details if d)
         parts.append(f"{group} {_pct(w['before'])} -> {_pct(w['after'])}" + (f" ({detail})" if detail else ""))
@@ -235,7 +235,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
                       "p < 0.05 by chance alone (about one in twenty of the groups that did not really change)."]
         if any(w.get("context") for w in worse.values()):
             lines += ["", "Context: what the group's images show besides their class (the test rows' `scene` and "
-                      "`objects`, `place` or `spurious`). When "
+                      "`objects`, `place` or `spurious`); the other classes' images with it are their test images "
+                      "and, on a synthetic benchmark, the cue probe's. When "
                       f"the model before gave the group's class to {100 * FROM_CONTEXT:.0f}% or more of the other "
                       "classes' images with that context, it was right on the group because of the context (a "
                       "shortcut): losing some of the group is the cost of no longer following it. A worse group "

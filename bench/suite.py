@@ -50,7 +50,7 @@ from aspire.config import load_config
 from aspire.metrics import lost_images
 from aspire.report import where_lost
 from aspire.synth import CORE_COLOR, SynthConfig, planted_found
-from flows.runtime import prefect_defaults, stop_children_on_death
+from flows.runtime import prefect_defaults, start_temporary_server, stop_children_on_death
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "configs" / "suite"
@@ -227,8 +227,9 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
                 unexplained = any(isinstance(w, dict) and "lost_to" not in w for w in worse.values())
                 if not results[key].get("cues") or unexplained:  # runs saved before these existed (committed models)
                     found = committed(config_path, run_overrides, results[key]["after"])
-                    results[key]["cues"] = results[key].get("cues") or probe(found)
-                    results[key]["worse_groups"] = explain_worse(found, worse) if unexplained else worse
+                    cues, probed = probe(found)
+                    results[key]["cues"] = results[key].get("cues") or cues
+                    results[key]["worse_groups"] = explain_worse(found, worse, probed) if unexplained else worse
                     results_file.write_text(json.dumps(results, indent=1))
         key = f"{draw.stem}/ceiling"
         if ceiling and run and key not in results:
@@ -264,23 +265,26 @@ def committed(config_path: Path, overrides: list[str], tested: dict) -> dict[str
     return found
 
 
-def probe(run: dict[str, Any], per_cell: int = 8) -> dict:
-    """Which cue the run's models follow (:func:`aspire.synth.cue_reliance` on the draw's cue probe): the ERM
-    classifier (``before``) and the retrain stage's tested model (``after``), as :func:`committed` found them.
-    Empty when the retrain stage is not committed or trained a robust method."""
+def probe(run: dict[str, Any], per_cell: int = 8) -> tuple[dict, dict]:
+    """Which cue the run's models follow (:func:`aspire.synth.cue_reliance` on the draw's cue probe) and their
+    probe rows (:func:`tasks.classifier.probe_cues`): the ERM classifier (``before``) and the retrain stage's
+    tested model (``after``), as :func:`committed` found them. Empty when the retrain stage is not committed or
+    trained a robust method."""
     from tasks import classifier
 
     if not run.get("after", Path()).is_file():
-        return {}
+        return {}, {}
     return classifier.probe_cues(run["synth"], {k: run[k] for k in ("before", "after")}, per_cell)
 
 
-def explain_worse(run: dict[str, Any], worse: dict) -> dict:
-    """``worse`` (a saved run's worse groups) with where their lost images went and their context
-    (:func:`aspire.report.where_lost` from the committed predictions; unchanged when the run is not committed)."""
+def explain_worse(run: dict[str, Any], worse: dict, probed: dict) -> dict:
+    """``worse`` (a saved run's worse groups) with where their lost images went and their context, the cue
+    probe's images (``probed``) included (:func:`aspire.report.where_lost` from the committed predictions;
+    unchanged when the run is not committed)."""
     if "retrain" not in run:
         return worse
-    lost = lost_images(run["classifier"].read_rows(), run["retrain"].read_rows())
+    more = (probed["before"], probed["after"]) if probed else ((), ())
+    lost = lost_images(run["classifier"].read_rows(), run["retrain"].read_rows(), more=more)
     return {group: {**w, **where_lost(lost.get(group))} if isinstance(w, dict) else w  # an old [before, after]
             for group, w in worse.items()}
 
@@ -384,6 +388,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     prefect_defaults()
     stop_children_on_death()  # killed (SIGTERM or SIGKILL), the suite must not leave Prefect's server running
+    if not args.tables_only:
+        start_temporary_server()  # Ctrl-C stops the suite, not its server first
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
         parser.error(f"--arms: unknown {', '.join(sorted(unknown))} (arms: {', '.join(ARMS)})")

@@ -43,9 +43,12 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show the traceback o
     DEBUG["on"] = debug
 
 
+INTERRUPTED = "interrupted: what was committed so far is kept; the same command resumes from it"
+
+
 def fail(message: str, exc: BaseException | None = None, status: int = 2) -> None:
-    """A user's mistake (exit status 2) or a stage that stopped the run (1): the message in red on stderr, no
-    traceback (unless --debug)."""
+    """A user's mistake (exit status 2), a stage that stopped the run (1) or Ctrl-C (130): the message in red on
+    stderr, no traceback (unless --debug)."""
     if DEBUG["on"] and exc is not None:
         raise exc
     typer.secho(message, fg=typer.colors.RED, err=True)
@@ -80,6 +83,15 @@ def _preflight(run_config, until: str = STAGE_NAMES[-1], methods: tuple[str, ...
         fail("\n".join(exc.problems) + f"\n({len(exc.problems)} problem(s) found before the run; nothing was run)", exc)
 
 
+def _start_prefect() -> None:
+    """Before a command's flow runs: Prefect's temporary server started out of reach of Ctrl-C (an interrupted
+    run is recorded and exits at once), and stopped should this process be killed."""
+    from flows.runtime import start_temporary_server, stop_children_on_death
+
+    stop_children_on_death()
+    start_temporary_server()
+
+
 def _run_flow(config: Path, overrides: list[str], until: str | None = None, force: list[str] | None = None) -> dict:
     prefect_defaults()
     until = until or STAGE_NAMES[-1]
@@ -96,14 +108,16 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
 
     from flows.aspire import aspire_flow
     from flows.running import StageFailed, storage_error, storage_problem
-    from flows.runtime import stop_children_on_death, terminal_display
+    from flows.runtime import terminal_display
 
-    stop_children_on_death()  # a SIGKILL of this process alone must not leave Prefect's server running
+    _start_prefect()
 
     stages = STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     with terminal_display(), tags("aspire", f"dataset:{run_config.dataset.format}", f"stages:{stages[0]}..{until}"):
         try:
             return aspire_flow(config_path=str(config.resolve()), overrides=overrides, until=until, force=force or [])
+        except KeyboardInterrupt as exc:
+            fail(INTERRUPTED, exc, status=130)
         except StageFailed as exc:
             fail(str(exc), exc, status=1)
         except Exception as exc:
@@ -230,8 +244,11 @@ def train(config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run co
     _preflight(run_config, "classifier", tuple(methods))
     from flows.train import train_flow
 
+    _start_prefect()
     try:
         train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=methods, seeds=seed_list)
+    except KeyboardInterrupt as exc:
+        fail(INTERRUPTED, exc, status=130)
     except ValueError as exc:  # e.g. SLIM answers or CLARIFY annotations missing: one line, the file named
         fail(str(exc).splitlines()[0], exc)
     typer.echo((run_config.workdir / "robust.md").read_text())
@@ -290,8 +307,11 @@ def compose(config: Path = typer.Argument(..., help="YAML compose config (see co
     from aspire.imagenet import SourceError
     from flows.compose import compose_flow
 
+    _start_prefect()
     try:
         summary = compose_flow(config_path=str(config.resolve()), overrides=set_ or [])
+    except KeyboardInterrupt as exc:
+        fail(INTERRUPTED, exc, status=130)
     except (PlanError, SourceError, FileExistsError) as exc:
         fail(str(exc), exc)
     for key, value in summary["by_split_category"].items():

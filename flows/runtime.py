@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,6 +57,7 @@ class _NoTracebackForStops(logging.Filter):
 
 _WATCHDOG = """
 import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C is for the parent, which it outlives
 parent, me, seen = int(sys.argv[1]), os.getpid(), {}
 
 def started(pid):  # the process's start time: a pid reused by another process has another
@@ -100,6 +102,28 @@ def stop_children_on_death() -> None:
     _WATCHED["pid"] = os.getpid()
     subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], stdin=subprocess.DEVNULL,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_temporary_server() -> None:
+    """Start Prefect's temporary API server now, when no ``PREFECT_API_URL`` names a server, out of reach of
+    the terminal's Ctrl-C.
+
+    Ctrl-C sends SIGINT to every process of the terminal's foreground job, Prefect's server included, which
+    stopped at once; the run, recording its flow runs as crashed, then retried the dead server for minutes and
+    printed its tracebacks. Started with SIGINT blocked (a signal mask its process inherits and keeps), the server
+    outlives the Ctrl-C, takes the crash records and is stopped by Prefect when the command exits (SIGTERM), or
+    by :func:`stop_children_on_death` if the command is killed."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        SubprocessASGIServer().start()  # the instance Prefect's clients use (one per port, None: the temporary one)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def terminal_display():

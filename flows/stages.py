@@ -247,6 +247,7 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
     received = len(rows)
     marked = any(r.get("source") == "generated" and r.get("per_class_from") is not None for r in rows)
     choices = config.generate.per_class_choices() if marked else None
+    probed: dict[str, list[Row]] = {}  # the cue probe's predictions (a synthetic benchmark, ERM)
     if config.retrain.method != "erm":  # a robust trainer: one committed part with its val/test predictions
         rows, grouping = retrain.group_rows(store, rows, config.retrain, config.caption,
                                             _summary_of(stores, "collapse")["spurious"], stores["caption"].read_rows())
@@ -286,12 +287,13 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         summary |= {**info, "trained": not trained["cached"], "epochs": trained.get("epochs")}
         parts = [store.part_ref(part), *info["parts"]]
         if config.synth is not None:  # a synthetic benchmark: which cue the models follow beside the test groups
-            summary["cues"] = classifier.probe_cues(config.synth, {"before": classifier.model_file(stores["classifier"]),
-                                                                   "after": classifier.model_file(store, part)})
+            summary["cues"], probed = classifier.probe_cues(
+                config.synth, {"before": classifier.model_file(stores["classifier"]), "after": classifier.model_file(store, part)})
     before = stores["classifier"].read_rows()
+    more = (probed["before"], probed["after"]) if probed else ((), ())
     summary |= {"rows_in": received, "failures": summary.get("failures", 0),
                 "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
-                "test_changes": paired_changes(before, predicted), "test_lost": lost_images(before, predicted)}
+                "test_changes": paired_changes(before, predicted), "test_lost": lost_images(before, predicted, more=more)}
     return predicted, summary, parts
 
 

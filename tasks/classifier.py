@@ -111,20 +111,26 @@ def run_predict(rows: list[Row], model_path: Path, model_digest: str) -> ShardRe
     return ShardResult(out, quarantine, {"predicted": len(out)})
 
 
-def probe_cues(synth: SynthConfig, models: dict[str, Path], per_cell: int = 8) -> dict[str, dict]:
+def probe_cues(synth: SynthConfig, models: dict[str, Path], per_cell: int = 8
+               ) -> tuple[dict[str, dict], dict[str, list[Row]]]:
     """Which cue each saved classifier follows on the synthetic benchmark's cue probe
     (:func:`aspire.synth.draw_cue_probe`, :func:`aspire.synth.cue_reliance`): ``{name: {shape, background,
-    object, images}}``. The probe's images are drawn from the benchmark's seed, the same for every model."""
+    object, images}}``, and per model the probe's images as rows (split ``cue-probe``: ``label``, ``class_name``,
+    ``scene``, ``objects``, ``pred``), which :func:`aspire.metrics.lost_images` takes as more images of a context.
+    The probe's images are drawn from the benchmark's seed, the same for every model."""
     from aspire.classifier import load_model, predict_images
     from aspire.synth import cue_reliance, draw_cue_probe
 
     images, cells = draw_cue_probe(synth, per_cell, seed=synth.seed)
-    out = {}
+    cues, rows = {}, {}
     for name, path in models.items():
         model, config, names = load_model(path)
         predicted, _ = predict_images(model, images, config.image_size, config.batch_size, config.device)
-        out[name] = cue_reliance(synth, cells, [names[i] for i in predicted])
-    return out
+        cues[name] = cue_reliance(synth, cells, [names[i] for i in predicted])
+        rows[name] = [{"image_id": f"cue-probe-{i}", "split": "cue-probe", "label": names.index(synth.classes[label].name),
+                       "class_name": synth.classes[label].name, "scene": background, "objects": [obj] if obj else [],
+                       "pred": pred} for i, ((label, background, obj), pred) in enumerate(zip(cells, predicted))]
+    return cues, rows
 
 
 @task(name="train-classifier", tags=["gpu"], cache_policy=NO_CACHE)

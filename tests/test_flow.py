@@ -503,18 +503,22 @@ def test_the_gpu_tag_stays_only_on_tasks_that_run_on_cuda():
     assert "gpu" in on_gpu(classifier.train_task, "cpu", "cuda:0").tags
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_killing_the_cli_alone_does_not_leave_prefects_server_running(run_config, tmp_path, how):
-    """SIGKILL of the CLI's own process (not its group) used to orphan Prefect's temporary API server; so did
-    SIGTERM, which Prefect handles: the CLI's main thread no longer lists its children while it shuts down."""
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "Ctrl-C"])
+def test_stopping_the_cli_leaves_no_prefect_server_running(run_config, tmp_path, how):
+    """SIGKILL of the CLI's own process (not its group) used to orphan Prefect's temporary API server, and so, at
+    times, did SIGTERM. Ctrl-C in a terminal (SIGINT to the whole job, server included) stopped the server at
+    once while the CLI retried it for minutes, printing tracebacks; now the CLI says so in one line and exits 130
+    within seconds, and Prefect stops its server."""
     import signal
+
+    from flows.cli import INTERRUPTED
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # its own temporary server, not the tests' one
     log = tmp_path / "cli.log"
-    with open(log, "w") as out:
+    with open(log, "w") as out:  # its own process group, as a terminal's foreground job
         cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "classifier", str(run_config)], env=env,
-                               stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+                               stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
 
     def server_pids() -> set[int]:
         pids = set()
@@ -523,22 +527,34 @@ def test_killing_the_cli_alone_does_not_leave_prefects_server_running(run_config
                 pids.add(int(pid))
         return pids
 
+    def running(pid: int) -> bool:
+        return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
     deadline, servers = time.monotonic() + 120, set()
     while not servers and time.monotonic() < deadline and cli.poll() is None:
         time.sleep(0.5)
         servers = server_pids()
     assert servers, log.read_text()
     while "Beginning subflow run 'classifier'" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.2)  # killed inside a stage's flow run, as a user stops a long run
+        time.sleep(0.2)  # stopped inside a stage's flow run, as a user stops a long run
     time.sleep(1.0)  # the watchdog lists the CLI's children twice a second
-    cli.send_signal(getattr(signal, how))
-    cli.wait()
+    if how == "Ctrl-C":
+        os.killpg(cli.pid, signal.SIGINT)  # what the terminal does: every process of the foreground job
+        try:
+            status = cli.wait(timeout=60)
+        finally:
+            if cli.poll() is None:
+                os.killpg(cli.pid, signal.SIGKILL)
+        text = log.read_text()
+        assert status == 130 and text.strip().splitlines()[-2:].count(INTERRUPTED) == 1, text[-3000:]
+        assert "Traceback" not in text and "Connection refused" not in text, text[-3000:]
+    else:
+        cli.send_signal(getattr(signal, how))
+        cli.wait()
     deadline = time.monotonic() + 20
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-              for pid in servers) and time.monotonic() < deadline:
+    while any(running(pid) for pid in servers) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-                   for pid in servers), "Prefect's server outlived the killed CLI"
+    assert not any(running(pid) for pid in servers), "Prefect's server outlived the stopped CLI"
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_a_rerun_resumes(run_config, tmp_path, monkeypatch):

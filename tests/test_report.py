@@ -63,8 +63,8 @@ def test_a_worse_group_says_where_its_images_went_and_whether_its_accuracy_came_
     assert set(worse) == {"cat/grass", "fox/sofa"} and worse["cat/grass"]["from_context"]
     assert worse["fox/sofa"]["lost_to"] == {"cat": 2} and not worse["fox/sofa"]["from_context"]
     text = render_markdown(report)
-    assert ("cat/grass 100.0% -> 70.0% (10 images: 3 lost, 0 gained, p = 0.12; lost to fox 2, owl 1; the other "
-            "classes' 20 test images with its context were given its class 95.0% -> 10.0%: its accuracy before came "
+    assert ("cat/grass 100.0% -> 70.0% (10 images: 3 lost, 0 gained, p = 0.12; lost to fox 2, owl 1; other "
+            "classes' images with its context given its class: 95.0% -> 10.0% of 20: its accuracy before came "
             "from the context)") in text
     assert "fox/sofa 100.0% -> 80.0% (10 images: 2 lost, 0 gained, p = 0.25; lost to cat 2)" in text
     assert "losing some of the group is the cost of no longer following it" in text
