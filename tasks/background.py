@@ -31,13 +31,13 @@ from aspire.manifest import Row, digest
 from aspire.phrases import BowEmbedder, normalize_phrase
 from aspire.readers import IMAGE_EXTENSIONS
 from tasks.remove import attempt_row, attempt_stats, classify_and_keep, is_edit, load_for_editing
-from tasks.vision import BackgroundEditor, Grounder, Segmenter, dilate
+from tasks.vision import BackgroundEditor, Grounder, Segmenter
 from tasks import retry_if_transient
 
 log = logging.getLogger(__name__)
 
 STAGE = "background"
-VERSION = 2
+VERSION = 3
 EDIT_SOURCE = "edit-background"
 
 
@@ -99,11 +99,15 @@ class BackgroundBank:
 
 
 class CompositeEditor:
-    """Paste the foreground (class object + foreground phrases, grounded and segmented) on a bank image."""
+    """Paste the foreground (class object + foreground phrases, grounded and segmented) on a bank image.
 
-    def __init__(self, config: BackgroundConfig, remove: RemoveConfig, grounder: Grounder, segmenter: Segmenter) -> None:
+    The segments are pasted as they are, with no ring of the original background around them: InstructPix2Pix
+    redraws the background up to the object, and a ring of two pixels (the rim this editor kept until
+    ``VERSION`` 3) was enough for a small CNN to keep following the old background (BENCHMARKS.md, 2026-12-07)."""
+
+    def __init__(self, config: BackgroundConfig, grounder: Grounder, segmenter: Segmenter) -> None:
         self.bank = BackgroundBank(config.bank)
-        self.grounder, self.segmenter, self.dilate = grounder, segmenter, max(3, remove.dilate // 3)
+        self.grounder, self.segmenter = grounder, segmenter
         self.identity = f"composite:{self.bank.identity}:{grounder.identity}:{segmenter.identity}"
 
     def edit_one(self, image: Image.Image, background: str, alt: str, row: Row) -> Image.Image | str:
@@ -114,7 +118,6 @@ class CompositeEditor:
         mask = np.zeros((image.height, image.width), dtype=bool)
         for m in self.segmenter.segment(image, [d.box for d in detections]):
             mask |= m
-        mask = dilate(mask, self.dilate)  # keep a thin rim of the original around the pasted foreground
         pixels = np.asarray(image)
         around = pixels[~mask] if (~mask).any() else pixels.reshape(-1, 3)
         used = alt if self.bank.folder(alt) is not None else self.bank.unlike(around, row["image_id"])
@@ -136,7 +139,7 @@ def load_editor(config: BackgroundConfig, remove: RemoveConfig) -> BackgroundEdi
         from tasks.grounders import load_grounder
         from tasks.segmenters import load_segmenter
 
-        return CompositeEditor(config, remove, load_grounder(remove), load_segmenter(remove))
+        return CompositeEditor(config, load_grounder(remove), load_segmenter(remove))
     from tasks.instruct_pix2pix import load_editor as load_pix2pix
 
     return load_pix2pix(config)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aspire.config import BackgroundConfig, CollapseConfig, RemoveConfig
+from aspire.config import BackgroundConfig, CollapseConfig
 from aspire.phrases import BowEmbedder
 from aspire.synth import SynthConfig, planted_found
 from tasks.background import BackgroundBank, CompositeEditor, run_background
@@ -41,8 +41,7 @@ def test_bank_falls_back_on_what_looks_unlike_the_image_not_on_names(tmp_path):
 
 def test_composite_keeps_the_foreground_and_flips_on_a_red_desert(tmp_path):
     config = BackgroundConfig(backend="composite", bank=bank(tmp_path), batch_size=2)
-    remove = RemoveConfig(ground="annotations", segment="box", dilate=0)
-    editor = CompositeEditor(config, remove, AnnotationsGrounder(), BoxSegmenter())
+    editor = CompositeEditor(config, AnnotationsGrounder(), BoxSegmenter())
     gray = picture(tmp_path / "gray.png", red_box=None)
     rows = [row("to-desert", gray, [], [{"phrase": "a", "box": [24, 24, 40, 40]}], background="snow", alt="desert"),
             row("to-forest", gray, [], [{"phrase": "a", "box": [24, 24, 40, 40]}], background="snow", alt="forest"),
@@ -55,6 +54,8 @@ def test_composite_keeps_the_foreground_and_flips_on_a_red_desert(tmp_path):
     assert desert["kept"] and desert["phrase"] == "snow" and desert["alt"] == "desert"
     pixels = np.asarray(Image.open(desert["path"]))
     assert tuple(pixels[30, 30]) == (128, 128, 128) and tuple(pixels[2, 2]) == (230, 20, 20)
+    # no ring of the old background around the pasted foreground, as InstructPix2Pix redraws up to the object
+    assert tuple(pixels[30, 39]) == (128, 128, 128) and tuple(pixels[30, 40]) == (230, 20, 20)
     forest = edits["to-forest"]  # no forest in the bank: the bank background that looks least like gray
     assert forest["skip_reason"] is None and forest["alt"] == "forest" and forest["alt_used"] == "snowy field"
     assert desert["alt_used"] == "desert"
