@@ -90,19 +90,21 @@ the same values share a group's context."""
 
 
 def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test",
-                more: tuple[Iterable[Row], Iterable[Row]] = ((), ())) -> dict[str, dict]:
+                probed: dict[str, list[Row]] | None = None) -> dict[str, dict]:
     """Per group of ``split`` that lost images (right before, wrong after, paired by ``image_id``): ``lost_to``,
     the classes the after model gave them (``{class name: images}``), and, when rows carry any of
     :data:`CONTEXT_KEYS`, ``context``: how often each model gave the group's class to the *other* classes' images
     with the lost images' context (``{"images", "before", "after"}``; None when no other class shows it). A model
     that gave the class to almost every image in that context was right on the group because of the context,
-    not the class. ``more``: the two models' predictions on other images that only count as images of a context
-    (the synthetic benchmark's cue probe, which shows every class beside every object and background)."""
+    not the class. ``probed``: the two models' predictions (``{"before": rows, "after": rows}``) on other images
+    that only count as images of a context (the synthetic benchmark's cue probe, which shows every class beside
+    every object and background; :func:`tasks.classifier.probe_cues`)."""
     before_rows = {r["image_id"]: r for r in before if r["split"] == split}
     after_rows = {r["image_id"]: r for r in after if r["split"] == split and r["image_id"] in before_rows}
     names = {r["label"]: r["class_name"] for r in before_rows.values()}
-    before_seen = before_rows | {r["image_id"]: r for r in more[0]}
-    after_seen = after_rows | {r["image_id"]: r for r in more[1] if r["image_id"] in before_seen}
+    probed = probed or {}
+    before_seen = before_rows | {r["image_id"]: r for r in probed.get("before", ())}
+    after_seen = after_rows | {r["image_id"]: r for r in probed.get("after", ()) if r["image_id"] in before_seen}
 
     def context(row: Row) -> tuple | None:
         found = tuple((k, tuple(sorted(row[k])) if isinstance(row[k], list) else row[k])

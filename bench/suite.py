@@ -50,7 +50,7 @@ from aspire.config import load_config
 from aspire.metrics import lost_images
 from aspire.report import where_lost
 from aspire.synth import CORE_COLOR, SynthConfig, planted_found
-from flows.runtime import prefect_defaults, start_temporary_server, stop_children_on_death
+from flows.runtime import prefect_defaults, start_prefect
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "configs" / "suite"
@@ -283,8 +283,7 @@ def explain_worse(run: dict[str, Any], worse: dict, probed: dict) -> dict:
     unchanged when the run is not committed)."""
     if "retrain" not in run:
         return worse
-    more = (probed["before"], probed["after"]) if probed else ((), ())
-    lost = lost_images(run["classifier"].read_rows(), run["retrain"].read_rows(), more=more)
+    lost = lost_images(run["classifier"].read_rows(), run["retrain"].read_rows(), probed=probed)
     return {group: {**w, **where_lost(lost.get(group))} if isinstance(w, dict) else w  # an old [before, after]
             for group, w in worse.items()}
 
@@ -387,9 +386,8 @@ def main() -> None:
         draws = [d for d in draws if d.stem in wanted]
     seeds = [int(s) for s in args.seeds.split(",")]
     prefect_defaults()
-    stop_children_on_death()  # killed (SIGTERM or SIGKILL), the suite must not leave Prefect's server running
     if not args.tables_only:
-        start_temporary_server()  # Ctrl-C stops the suite, not its server first
+        start_prefect()  # Ctrl-C or a kill stops the suite, and never leaves its Prefect server running
     unknown = set(args.arms.split(",")) - set(ARMS)
     if unknown:
         parser.error(f"--arms: unknown {', '.join(sorted(unknown))} (arms: {', '.join(ARMS)})")

@@ -83,15 +83,6 @@ def _preflight(run_config, until: str = STAGE_NAMES[-1], methods: tuple[str, ...
         fail("\n".join(exc.problems) + f"\n({len(exc.problems)} problem(s) found before the run; nothing was run)", exc)
 
 
-def _start_prefect() -> None:
-    """Before a command's flow runs: Prefect's temporary server started out of reach of Ctrl-C (an interrupted
-    run is recorded and exits at once), and stopped should this process be killed."""
-    from flows.runtime import start_temporary_server, stop_children_on_death
-
-    stop_children_on_death()
-    start_temporary_server()
-
-
 def _run_flow(config: Path, overrides: list[str], until: str | None = None, force: list[str] | None = None) -> dict:
     prefect_defaults()
     until = until or STAGE_NAMES[-1]
@@ -108,9 +99,9 @@ def _run_flow(config: Path, overrides: list[str], until: str | None = None, forc
 
     from flows.aspire import aspire_flow
     from flows.running import StageFailed, storage_error, storage_problem
-    from flows.runtime import terminal_display
+    from flows.runtime import start_prefect, terminal_display
 
-    _start_prefect()
+    start_prefect()  # an interrupted run is recorded and exits at once; a killed one leaves no server
 
     stages = STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     with terminal_display(), tags("aspire", f"dataset:{run_config.dataset.format}", f"stages:{stages[0]}..{until}"):
@@ -242,9 +233,10 @@ def train(config: Path = typer.Argument(..., metavar="CONFIG", help="YAML run co
         fail(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2", exc)
     run_config = _load(config, set_ or [])
     _preflight(run_config, "classifier", tuple(methods))
+    from flows.runtime import start_prefect
     from flows.train import train_flow
 
-    _start_prefect()
+    start_prefect()
     try:
         train_flow(config_path=str(config.resolve()), overrides=set_ or [], methods=methods, seeds=seed_list)
     except KeyboardInterrupt as exc:
@@ -306,8 +298,9 @@ def compose(config: Path = typer.Argument(..., help="YAML compose config (see co
     from aspire.compose import PlanError
     from aspire.imagenet import SourceError
     from flows.compose import compose_flow
+    from flows.runtime import start_prefect
 
-    _start_prefect()
+    start_prefect()
     try:
         summary = compose_flow(config_path=str(config.resolve()), overrides=set_ or [])
     except KeyboardInterrupt as exc:

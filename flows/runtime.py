@@ -104,9 +104,9 @@ def stop_children_on_death() -> None:
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_temporary_server() -> None:
-    """Start Prefect's temporary API server now, when no ``PREFECT_API_URL`` names a server, out of reach of
-    the terminal's Ctrl-C.
+def start_prefect() -> None:
+    """Before a command's flows run: :func:`stop_children_on_death`, then Prefect's temporary API server started
+    now, when no ``PREFECT_API_URL`` names a server, out of reach of the terminal's Ctrl-C.
 
     Ctrl-C sends SIGINT to every process of the terminal's foreground job, Prefect's server included, which
     stopped at once; the run, recording its flow runs as crashed, then retried the dead server for minutes and
@@ -115,6 +115,7 @@ def start_temporary_server() -> None:
     by :func:`stop_children_on_death` if the command is killed."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
 
+    stop_children_on_death()
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
     from prefect.server.api.server import SubprocessASGIServer

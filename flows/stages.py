@@ -290,10 +290,9 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
             summary["cues"], probed = classifier.probe_cues(
                 config.synth, {"before": classifier.model_file(stores["classifier"]), "after": classifier.model_file(store, part)})
     before = stores["classifier"].read_rows()
-    more = (probed["before"], probed["after"]) if probed else ((), ())
     summary |= {"rows_in": received, "failures": summary.get("failures", 0),
                 "train_rows": sum(r["split"] == "train" for r in rows), "after": holdout.evaluate(predicted, rows),
-                "test_changes": paired_changes(before, predicted), "test_lost": lost_images(before, predicted, more=more)}
+                "test_changes": paired_changes(before, predicted), "test_lost": lost_images(before, predicted, probed=probed)}
     return predicted, summary, parts
 
 

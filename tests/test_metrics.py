@@ -57,9 +57,9 @@ def test_lost_images_say_where_they_went_and_how_the_models_treated_the_context(
     assert set(lost) == {"0:cat|grass", "1:fox|grass"}  # owl gained, lost nothing
     # more images of the contexts (a cue probe): an owl with a ball, and an owl on grass the after model calls cat;
     # they join the contexts and are never counted as lost
-    probe = [row("p0", 2, "grass", 1, ["ball"]), row("p1", 2, "grass", 2)], [row("p0", 2, "grass", 2, ["ball"]),
-                                                                              row("p1", 2, "grass", 0)]
-    with_probe = lost_images(before, after, more=probe)
+    probe = {"before": [row("p0", 2, "grass", 1, ["ball"]), row("p1", 2, "grass", 2)],
+             "after": [row("p0", 2, "grass", 2, ["ball"]), row("p1", 2, "grass", 0)]}
+    with_probe = lost_images(before, after, probed=probe)
     assert with_probe["1:fox|grass"]["context"] == {"images": 1, "before": 1.0, "after": 0.0}
     assert with_probe["0:cat|grass"]["context"] == {"images": 4, "before": 2 / 4, "after": 1 / 4}
     assert set(with_probe) == set(lost)
