@@ -96,7 +96,9 @@ def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test"
     :data:`CONTEXT_KEYS`, ``context``: how often each model gave the group's class to the *other* classes' images
     with the lost images' context (``{"images", "before", "after"}``; None when no other class shows it). A model
     that gave the class to almost every image in that context was right on the group because of the context,
-    not the class. ``probed``: the two models' predictions (``{"before": rows, "after": rows}``) on other images
+    not the class. ``drawn_to``: the same for the class most of the lost images went to, over the images with
+    the context of neither class (``{"class", "images", "before", "after"}``; None when there are none): an after
+    model that gives that class to most of them follows a shortcut from the context to it. ``probed``: the two models' predictions (``{"before": rows, "after": rows}``) on other images
     that only count as images of a context (the synthetic benchmark's cue probe, which shows every class beside
     every object and background; :func:`tasks.classifier.probe_cues`)."""
     before_rows = {r["image_id"]: r for r in before if r["split"] == split}
@@ -121,13 +123,23 @@ def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test"
             lost_to = out.setdefault(group_name(now), {"lost_to": {}, "label": now["label"], "context": context(now)})["lost_to"]
             name = names.get(now["pred"], str(now["pred"]))
             lost_to[name] = lost_to.get(name, 0) + 1
+    labels = {name: label for label, name in names.items()}
+
+    def given(label: int, peers: list[str]) -> dict | None:
+        """How often each model gave ``label`` to ``peers``."""
+        return {"images": len(peers), "before": sum(before_seen[i]["pred"] == label for i in peers) / len(peers),
+                "after": sum(after_seen[i]["pred"] == label for i in peers) / len(peers)} if peers else None
+
     for detail in out.values():
         label, where = detail.pop("label"), detail.pop("context")
-        peers = [i for i in sharing[where] if after_seen[i]["label"] != label] if where is not None else []
         detail["lost_to"] = dict(sorted(detail["lost_to"].items(), key=lambda kv: (-kv[1], kv[0])))
-        detail["context"] = {"images": len(peers),
-                             "before": sum(before_seen[i]["pred"] == label for i in peers) / len(peers),
-                             "after": sum(after_seen[i]["pred"] == label for i in peers) / len(peers)} if peers else None
+        shown = sharing[where] if where is not None else []
+        detail["context"] = given(label, [i for i in shown if after_seen[i]["label"] != label])
+        taker = next(iter(detail["lost_to"]))
+        taker_label = labels.get(taker)
+        drawn = given(taker_label, [i for i in shown if after_seen[i]["label"] not in (label, taker_label)]
+                      ) if taker_label is not None else None
+        detail["drawn_to"] = drawn and {"class": taker, **drawn}
     return out
 
 

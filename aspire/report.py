@@ -80,7 +80,9 @@ opened a new shortcut."""
 
 FROM_CONTEXT = 0.5
 """A worse group's accuracy before came from its context when the model before gave its class to at least this
-share of the other classes' test images with the same context (:func:`aspire.metrics.lost_images`)."""
+share of the other classes' test images with the same context (:func:`aspire.metrics.lost_images`). Its lost
+images went to a shortcut when the model after gives the class they went to at least this share of the images
+with that context of neither class: a new shortcut when the model before did not, a kept one when it did."""
 
 
 def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None,
@@ -108,13 +110,17 @@ def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None,
 
 
 def where_lost(detail: dict | None) -> dict[str, Any]:
-    """A worse group's ``lost_to``, ``context`` and ``from_context`` from its :func:`aspire.metrics.lost_images`
-    entry (nothing without one)."""
+    """A worse group's ``lost_to``, ``context``, ``from_context``, ``drawn_to`` and ``shortcut`` ("new", "kept"
+    or None; see :data:`FROM_CONTEXT`) from its :func:`aspire.metrics.lost_images` entry (nothing without one)."""
     if not detail:
         return {}
-    context = detail.get("context")
+    context, drawn = detail.get("context"), detail.get("drawn_to")
+    shortcut = None
+    if drawn is not None and drawn["after"] >= FROM_CONTEXT:
+        shortcut = "kept" if drawn["before"] >= FROM_CONTEXT else "new"
     return {"lost_to": detail["lost_to"], "context": context,
-            "from_context": context is not None and context["before"] >= FROM_CONTEXT}
+            "from_context": context is not None and context["before"] >= FROM_CONTEXT,
+            "drawn_to": drawn, "shortcut": shortcut}
 
 
 def worse_text(worse: dict[str, dict[str, Any]]) -> str:
@@ -132,6 +138,12 @@ def worse_text(worse: dict[str, dict[str, Any]]) -> str:
             details.append(f"other classes' images with its context given its class: {_pct(c['before'])} -> "
                            f"{_pct(c['after'])} of {c['images']}"
                            + (": its accuracy before came from the context" if w.get("from_context") else ""))
+        if w.get("drawn_to"):
+            d = w["drawn_to"]
+            details.append(f"the images with its context of neither class given {d['class']}: {_pct(d['before'])} -> "
+                           f"{_pct(d['after'])} of {d['images']}"
+                           + {"new": f": a new shortcut to {d['class']}",
+                              "kept": f": the shortcut to {d['class']} was kept"}.get(w.get("shortcut"), ""))
         detail = "; ".join(d for d in details if d)
         parts.append(f"{group} {_pct(w['before'])} -> {_pct(w['after'])}" + (f" ({detail})" if detail else ""))
     return ", ".join(parts) or "none"
@@ -233,14 +245,16 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
                       "augmentation made the group no worse (McNemar's exact test, one-sided); a drop with p above "
                       "0.05 is within what chance, such as another seed, makes. With many groups, some reach "
                       "p < 0.05 by chance alone (about one in twenty of the groups that did not really change)."]
-        if any(w.get("context") for w in worse.values()):
+        if any(w.get("context") or w.get("drawn_to") for w in worse.values()):
             lines += ["", "Context: what the group's images show besides their class (the test rows' `scene` and "
                       "`objects`, `place` or `spurious`); the other classes' images with it are their test images "
                       "and, on a synthetic benchmark, the cue probe's. When "
                       f"the model before gave the group's class to {100 * FROM_CONTEXT:.0f}% or more of the other "
                       "classes' images with that context, it was right on the group because of the context (a "
-                      "shortcut): losing some of the group is the cost of no longer following it. A worse group "
-                      "without that may be a new shortcut: see which class its lost images went to."]
+                      "shortcut): losing some of the group is the cost of no longer following it. When the model "
+                      f"after gives the class its lost images went to {100 * FROM_CONTEXT:.0f}% or more of the "
+                      "images with that context of neither class, it follows a shortcut from the context to that "
+                      "class: a new shortcut, made by the augmentation, when the model before did not."]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("cues"):

@@ -224,7 +224,7 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
                     results_file.write_text(json.dumps(results, indent=1))
                     print(key, json.dumps(results[key]["after"]), results[key]["generated"], flush=True)
                 worse = results[key].get("worse_groups") or {}
-                unexplained = any(isinstance(w, dict) and "lost_to" not in w for w in worse.values())
+                unexplained = any(isinstance(w, dict) and "shortcut" not in w for w in worse.values())
                 if not results[key].get("cues") or unexplained:  # runs saved before these existed (committed models)
                     found = committed(config_path, run_overrides, results[key]["after"])
                     cues, probed = probe(found)
@@ -301,7 +301,8 @@ def _mean_std(values: list[float]) -> str:
 def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
     """Markdown: per draw, planted features found, worst-group / average test accuracy of (a), (b), (c). A worse
     group marked * lost more of its images than chance makes (p < 0.05 on some seed; :func:`aspire.report.worse_groups`);
-    one marked (context) was right before only because the ERM model gave its class to that context
+    one marked (context) was right before only because the ERM model gave its class to that context, one marked
+    (new shortcut) or (kept shortcut) lost its images to a class the augmented model gives that context to
     (:data:`aspire.report.FROM_CONTEXT`)."""
     lines = ["| draw | planted in top-3 | planted claimed | features claimed | edits kept | worst group (a) none / (b) no discovery / (c) ASPIRE "
              "| average (a) / (b) / (c) | groups > 5 pts worse (c) | ceiling: balanced data, worst / average | minutes |",
@@ -322,7 +323,10 @@ def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
                          if isinstance(w, dict) and w.get("p") is not None and w["p"] < 0.05}
         from_context = {g for r in c for g, w in (r["worse_groups"] or {}).items()
                         if isinstance(w, dict) and w.get("from_context")}
+        shortcut = {kind: {g for r in c for g, w in (r["worse_groups"] or {}).items()
+                           if isinstance(w, dict) and w.get("shortcut") == kind} for kind in ("new", "kept")}
         worse = [g + "*" * (g in beyond_chance) + " (context)" * (g in from_context)
+                 + "".join(f" ({kind} shortcut)" for kind, groups in shortcut.items() if g in groups)
                  for g in sorted({g for r in c for g in (r["worse_groups"] or {})})]
         minutes = round(sum(r["minutes"] for r in c + b), 1)
         bound = results.get(f"{draw.stem}/ceiling")
@@ -348,6 +352,28 @@ def cue_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
             values = [[r["before"][cue] for r in runs["aspire"]], *([r["after"][cue] for r in runs[arm]] for arm in ARMS)]
             cells.append(" / ".join("-" if None in v else _pct(statistics.mean(v)) for v in (values[0], values[2], values[1])))
         lines.append(f"| {draw.stem} | {len(runs['no-discovery'])} / {len(runs['aspire'])} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def worse_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
+    """Markdown: per arm, over every run of ``draws`` and ``seeds``, the test groups more than 5 points worse
+    after augmentation, and how many of them lost more than chance makes, were right before only from their
+    context, or lost their images to a shortcut the augmented model follows (new or kept;
+    :func:`aspire.report.where_lost`). A group counts once per run."""
+    lines = ["| arm | runs | groups > 5 pts worse | beyond chance (p < 0.05) | right before only from the context "
+             "| lost to a new shortcut | lost to a kept shortcut | none of these three |", "|---|---|---|---|---|---|---|---|"]
+    for arm in reversed(ARMS):
+        worse = [w for draw in draws for s in seeds if (k := f"{draw.stem}/{arm}/{s}") in results
+                 for w in (results[k]["worse_groups"] or {}).values() if isinstance(w, dict)]
+        runs = sum(f"{draw.stem}/{arm}/{s}" in results for draw in draws for s in seeds)
+        if not runs:
+            continue
+        context = sum(bool(w.get("from_context")) for w in worse)
+        new, kept = (sum(w.get("shortcut") == kind for w in worse) for kind in ("new", "kept"))
+        chance = sum(w.get("p") is not None and w["p"] < 0.05 for w in worse)
+        neither = sum(not w.get("from_context") and not w.get("shortcut") for w in worse)
+        lines.append(f"| {'(b) no discovery' if arm == 'no-discovery' else '(c) ASPIRE'} | {runs} | {len(worse)} "
+                     f"| {chance} | {context} | {new} | {kept} | {neither} |")
     return "\n".join(lines) + "\n"
 
 
@@ -395,7 +421,7 @@ def main() -> None:
     results = run_suite(draws, seeds, args.root.resolve(), arms, results_name=args.results,
                         ceiling=args.ceiling or args.ceiling_only, sets=tuple(args.set), run=not args.tables_only)
     text = ceiling_table(results, draws) if args.ceiling_only else (
-        table(results, draws, seeds) + "\n" + cue_table(results, draws, seeds))
+        table(results, draws, seeds) + "\n" + worse_table(results, draws, seeds) + "\n" + cue_table(results, draws, seeds))
     (args.root / Path(args.results).with_suffix(".md")).write_text(text)
     print(text)
 

@@ -52,8 +52,9 @@ def test_lost_images_say_where_they_went_and_how_the_models_treated_the_context(
     after = [row(0, 0, "grass", 1), row(1, 0, "grass", 1), row(2, 0, "grass", 0), row(3, 1, "grass", 1),
              row(4, 2, "grass", 2), row(5, 1, "grass", 0, ["ball"]), row(6, 1, "grass", 1)]
     lost = lost_images(before, after)
-    assert lost["0:cat|grass"] == {"lost_to": {"fox": 2}, "context": {"images": 3, "before": 2 / 3, "after": 0.0}}
-    assert lost["1:fox|grass"] == {"lost_to": {"cat": 1}, "context": None}  # nobody else has a ball
+    assert lost["0:cat|grass"] == {"lost_to": {"fox": 2}, "context": {"images": 3, "before": 2 / 3, "after": 0.0},
+                                   "drawn_to": {"class": "fox", "images": 1, "before": 0.0, "after": 0.0}}  # the owl
+    assert lost["1:fox|grass"] == {"lost_to": {"cat": 1}, "context": None, "drawn_to": None}  # nobody else has a ball
     assert set(lost) == {"0:cat|grass", "1:fox|grass"}  # owl gained, lost nothing
     # more images of the contexts (a cue probe): an owl with a ball, and an owl on grass the after model calls cat;
     # they join the contexts and are never counted as lost
@@ -69,4 +70,25 @@ def test_lost_images_say_where_they_went_and_how_the_models_treated_the_context(
             r.pop("objects")
     assert lost_images(before, after)["0:cat|grass"]["context"] == {"images": 4, "before": 2 / 4, "after": 1 / 4}
     before, after = ([{k: v for k, v in r.items() if k != "place"} for r in rows] for rows in (before, after))
-    assert lost_images(before, after)["0:cat|grass"] == {"lost_to": {"fox": 2}, "context": None}
+    assert lost_images(before, after)["0:cat|grass"] == {"lost_to": {"fox": 2}, "context": None, "drawn_to": None}
+
+
+def test_lost_images_tell_a_new_shortcut_to_the_class_they_went_to():
+    """Augmentation taught the model "sand means fox": the dogs on sand it lost went to fox, and so did the owls
+    and cats on sand it had right; the foxes on sand do not count (fox is their class)."""
+    from aspire.metrics import lost_images
+
+    names = {0: "dog", 1: "fox", 2: "owl", 3: "cat"}
+
+    def row(i, label, pred):
+        return {"image_id": f"{i}", "split": "test", "label": label, "class_name": names[label], "pred": pred,
+                "group": label, "group_name": f"{names[label]}|sand", "scene": "sand", "objects": []}
+
+    labels = [0, 0, 0, 1, 1, 2, 2, 3, 3]
+    before = [row(i, label, label) for i, label in enumerate(labels)]
+    after = [row(i, label, 1 if label != 0 or i < 2 else 0) for i, label in enumerate(labels)]
+    after[8]["pred"] = 3  # one cat kept
+    lost = lost_images(before, after)["0:dog|sand"]
+    assert lost["lost_to"] == {"fox": 2}
+    assert lost["drawn_to"] == {"class": "fox", "images": 4, "before": 0.0, "after": 3 / 4}
+    assert lost["context"] == {"images": 6, "before": 0.0, "after": 0.0}  # nobody else was called dog

@@ -72,6 +72,28 @@ def test_a_worse_group_says_where_its_images_went_and_whether_its_accuracy_came_
     assert not worse_groups(was, now, None, {"cat/grass": calm})["cat/grass"]["from_context"]
 
 
+def test_a_worse_group_lost_to_a_shortcut_says_whether_augmentation_made_it():
+    """The lost images went to fox, and the model after calls fox most images with their context that are
+    neither cat nor fox: a new shortcut when the model before did not, a kept one when it did."""
+    was = evaluation({"cat/grass": 1.0, "fox/sofa": 1.0})
+    now = evaluation({"cat/grass": 0.7, "fox/sofa": 1.0})
+    drawn = {"class": "fox", "images": 12, "before": 0.25, "after": 0.75}
+    lost = {"cat/grass": {"lost_to": {"fox": 3}, "context": {"images": 20, "before": 0.1, "after": 0.0},
+                          "drawn_to": drawn}}
+    report = build_report({"holdout": {"before": {"test": was}},
+                           "retrain": {"after": {"test": now}, "test_changes": {"cat/grass": [3, 0]}, "test_lost": lost}})
+    worse = report["worse_groups"]["cat/grass"]
+    assert worse["shortcut"] == "new" and not worse["from_context"]
+    text = render_markdown(report)
+    assert ("lost to fox 3; other classes' images with its context given its class: 10.0% -> 0.0% of 20; the images "
+            "with its context of neither class given fox: 25.0% -> 75.0% of 12: a new shortcut to fox)") in text
+    assert "a new shortcut, made by the augmentation" in text
+    kept = {**lost["cat/grass"], "drawn_to": {**drawn, "before": 0.6}}
+    assert worse_groups(was, now, None, {"cat/grass": kept})["cat/grass"]["shortcut"] == "kept"
+    faint = {**lost["cat/grass"], "drawn_to": {**drawn, "after": 0.4}}
+    assert worse_groups(was, now, None, {"cat/grass": faint})["cat/grass"]["shortcut"] is None
+
+
 def test_report_shows_the_rule_flip_rates_and_the_classes_without_a_feature():
     collapse = {"spurious": {"cat": [["ball"]]}, "no_spurious_found": ["fox"], "rule": "RULE",
                 "top_k": {"cat": [{"phrases": ["ball"], "count": 12, "tried": 40, "flip_rate": 0.3, "confident": True,

@@ -1,0 +1,28 @@
+"""Tests of the benchmark suite's tables (bench/suite.py) on saved results: the worse groups of each arm and
+what the report says each one is."""
+
+from pathlib import Path
+
+from bench.suite import table, worse_table
+
+
+def result(worse: dict) -> dict:
+    run = {"before": {"worst_group_acc": 0.0, "avg_acc": 0.8}, "after": {"worst_group_acc": 0.6, "avg_acc": 0.9},
+           "planted_in_top_k": 2, "planted_found": 2, "planted_total": 2, "claimed": {"cat": [["ball"]]},
+           "edits_kept": 9, "minutes": 1.0}
+    return {**run, "worse_groups": worse}
+
+
+def test_the_worse_groups_table_counts_each_arms_groups_by_what_they_lost_to():
+    context = {"p": 0.01, "from_context": True, "shortcut": None}
+    new = {"p": 0.2, "from_context": False, "shortcut": "new"}
+    plain = {"p": 0.5, "from_context": False, "shortcut": None}
+    results = {"d1/aspire/0": result({"0:cat|grass": context}), "d1/aspire/1": result({"0:cat|grass": context}),
+               "d1/no-discovery/0": result({"0:cat|grass": new, "1:fox|sand": plain, "2:owl|sand": {**new, "shortcut": "kept"}}),
+               "d2/aspire/0": result({}), "d2/no-discovery/0": result({})}
+    draws = [Path("d1.yaml"), Path("d2.yaml")]
+    lines = worse_table(results, draws, [0, 1]).splitlines()
+    assert lines[2] == "| (b) no discovery | 2 | 3 | 0 | 0 | 1 | 1 | 1 |"
+    assert lines[3] == "| (c) ASPIRE | 3 | 2 | 2 | 2 | 0 | 0 | 0 |"
+    results["d1/aspire/1"]["worse_groups"] = {"1:fox|sand": new}
+    assert "0:cat/grass* (context), 1:fox/sand (new shortcut)" in table(results, draws, [0, 1])
