@@ -26,10 +26,12 @@ their configs are written to ``<root>/fresh-<seed>/`` first, so they can be read
 Beside the test split, every run's models meet the draw's *cue probe* (:func:`probe`): each class's core shape
 on every background, with no object or with each object, so cues disagree in ways the test groups never show (a
 penguin beside the scooter's helmet on the hornet's hedge). It says how often a model follows the shape, and how
-often another class's planted background or object instead; the second table of the markdown.
+often another class's planted background or object instead; the third table of the markdown. The second counts
+each arm's test groups more than 5 points worse after augmentation by what the report says they are (right
+before only from their context, lost to a new or a kept shortcut; :func:`worse_table`).
 
 (b) and (c) share every stage up to ``generate`` through the stage cache, and a rerun of the suite resumes from
-what is committed (``<root>/<draw>/``). Results go to ``<root>/suite.json`` and a markdown table to
+what is committed (``<root>/<draw>/``). Results go to ``<root>/suite.json`` and markdown tables to
 ``<root>/suite.md`` (pasted into BENCHMARKS.md).
 """
 
