@@ -235,7 +235,7 @@ class CollapseConfig(Section):
     min_lift: float = Field(
         2.0, ge=0, description="... and the class's held-out captions name it at least this many times as often as "
         "the other classes' captions do (a correlation in the data); a class with no such group reports 'no spurious "
-        "feature found' and gets no generated images.")
+        "feature found' (its generator still learns from its top-k groups' kept edits: tasks.collapse.training_edits).")
 
 
 class PersonalizeConfig(Section):
