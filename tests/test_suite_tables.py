@@ -24,5 +24,8 @@ def test_the_worse_groups_table_counts_each_arms_groups_by_what_they_lost_to():
     lines = worse_table(results, draws, [0, 1]).splitlines()
     assert lines[2] == "| (b) no discovery | 2 | 3 | 0 | 0 | 1 | 1 | 1 |"
     assert lines[3] == "| (c) ASPIRE | 3 | 2 | 2 | 2 | 0 | 0 | 0 |"
+    results["d2/aspire/0"]["worse_groups"] = {"3:ant|hill": {"p": 0.3, "from_context": False}}  # saved before the test
+    assert worse_table(results, draws, [0, 1]).splitlines()[3] == (
+        "| (c) ASPIRE | 3 | 3 (1 without the shortcut test) | 2 | 2 | 0 | 0 | 0 |")
     results["d1/aspire/1"]["worse_groups"] = {"1:fox|sand": new}
     assert "0:cat/grass* (context), 1:fox/sand (new shortcut)" in table(results, draws, [0, 1])
