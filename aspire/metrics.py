@@ -96,11 +96,13 @@ def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test"
     :data:`CONTEXT_KEYS`, ``context``: how often each model gave the group's class to the *other* classes' images
     with the lost images' context (``{"images", "before", "after"}``; None when no other class shows it). A model
     that gave the class to almost every image in that context was right on the group because of the context,
-    not the class. ``drawn_to``: the same for the class most of the lost images went to, over the images with
-    the context of neither class (``{"class", "images", "before", "after"}``; None when there are none): an after
-    model that gives that class to most of them follows a shortcut from the context to it. ``probed``: the two models' predictions (``{"before": rows, "after": rows}``) on other images
-    that only count as images of a context (the synthetic benchmark's cue probe, which shows every class beside
-    every object and background; :func:`tasks.classifier.probe_cues`)."""
+    not the class. ``drawn_to``: the same for the classes the lost images went to, each over the images with the
+    context of neither class (the group's nor its own), kept for the one the model after gives most of them
+    (``{"class", "of": the group's class, "images", "before", "after"}``; None when no such image exists, as
+    with two classes): an after model that gives that class to most of them follows a shortcut from the context
+    to it. ``probed``: the two models' predictions (``{"before": rows, "after": rows}``) on other images that
+    only count as images of a context (the synthetic benchmark's cue probe, which shows every class beside every
+    object and background; :func:`tasks.classifier.probe_cues`)."""
     before_rows = {r["image_id"]: r for r in before if r["split"] == split}
     after_rows = {r["image_id"]: r for r in after if r["split"] == split and r["image_id"] in before_rows}
     names = {r["label"]: r["class_name"] for r in before_rows.values()}
@@ -135,11 +137,9 @@ def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test"
         detail["lost_to"] = dict(sorted(detail["lost_to"].items(), key=lambda kv: (-kv[1], kv[0])))
         shown = sharing[where] if where is not None else []
         detail["context"] = given(label, [i for i in shown if after_seen[i]["label"] != label])
-        taker = next(iter(detail["lost_to"]))
-        taker_label = labels.get(taker)
-        drawn = given(taker_label, [i for i in shown if after_seen[i]["label"] not in (label, taker_label)]
-                      ) if taker_label is not None else None
-        detail["drawn_to"] = drawn and {"class": taker, **drawn}
+        drawn = [{"class": name, "of": names.get(label, str(label)), **found} for name in detail["lost_to"] if (taker := labels.get(name)) is not None
+                 and (found := given(taker, [i for i in shown if after_seen[i]["label"] not in (label, taker)]))]
+        detail["drawn_to"] = max(drawn, key=lambda d: d["after"], default=None)  # ties: the class that took most
     return out
 
 

@@ -84,6 +84,9 @@ share of the other classes' test images with the same context (:func:`aspire.met
 images went to a shortcut when the model after gives the class they went to at least this share of the images
 with that context of neither class: a new shortcut when the model before did not, a kept one when it did."""
 
+MIN_CONTEXT_IMAGES = 5
+"""Neither verdict is drawn from fewer images of the context than this (one image would decide it)."""
+
 
 def worse_groups(before: dict[str, Any] | None, after: dict[str, Any] | None,
                  changes: dict[str, list[int]] | None = None,
@@ -114,13 +117,16 @@ def where_lost(detail: dict | None) -> dict[str, Any]:
     or None; see :data:`FROM_CONTEXT`) from its :func:`aspire.metrics.lost_images` entry (nothing without one)."""
     if not detail:
         return {}
-    context, drawn = detail.get("context"), detail.get("drawn_to")
-    shortcut = None
-    if drawn is not None and drawn["after"] >= FROM_CONTEXT:
+    context = detail.get("context")
+    found = {"lost_to": detail["lost_to"], "context": context,
+             "from_context": context is not None and context["images"] >= MIN_CONTEXT_IMAGES
+             and context["before"] >= FROM_CONTEXT}
+    if "drawn_to" not in detail:  # a summary committed before the shortcut test: not tested, not "no shortcut"
+        return found
+    drawn, shortcut = detail["drawn_to"], None
+    if drawn is not None and drawn["images"] >= MIN_CONTEXT_IMAGES and drawn["after"] >= FROM_CONTEXT:
         shortcut = "kept" if drawn["before"] >= FROM_CONTEXT else "new"
-    return {"lost_to": detail["lost_to"], "context": context,
-            "from_context": context is not None and context["before"] >= FROM_CONTEXT,
-            "drawn_to": drawn, "shortcut": shortcut}
+    return found | {"drawn_to": drawn, "shortcut": shortcut}
 
 
 def worse_text(worse: dict[str, dict[str, Any]]) -> str:
@@ -140,10 +146,12 @@ def worse_text(worse: dict[str, dict[str, Any]]) -> str:
                            + (": its accuracy before came from the context" if w.get("from_context") else ""))
         if w.get("drawn_to"):
             d = w["drawn_to"]
-            details.append(f"the images with its context of neither class given {d['class']}: {_pct(d['before'])} -> "
-                           f"{_pct(d['after'])} of {d['images']}"
-                           + {"new": f": a new shortcut to {d['class']}",
-                              "kept": f": the shortcut to {d['class']} was kept"}.get(w.get("shortcut"), ""))
+            details.append(f"images with its context that are neither {d.get('of', 'its class')} nor {d['class']} given "
+                           f"{d['class']}: {_pct(d['before'])} -> {_pct(d['after'])} of {d['images']}"
+                           + {"new": f": the model after follows the context to {d['class']}, the model before "
+                                     "did not (a new shortcut)",
+                              "kept": f": both models follow the context to {d['class']} (a kept shortcut)"
+                              }.get(w.get("shortcut"), ""))
         detail = "; ".join(d for d in details if d)
         parts.append(f"{group} {_pct(w['before'])} -> {_pct(w['after'])}" + (f" ({detail})" if detail else ""))
     return ", ".join(parts) or "none"
@@ -252,9 +260,11 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
                       f"the model before gave the group's class to {100 * FROM_CONTEXT:.0f}% or more of the other "
                       "classes' images with that context, it was right on the group because of the context (a "
                       "shortcut): losing some of the group is the cost of no longer following it. When the model "
-                      f"after gives the class its lost images went to {100 * FROM_CONTEXT:.0f}% or more of the "
-                      "images with that context of neither class, it follows a shortcut from the context to that "
-                      "class: a new shortcut, made by the augmentation, when the model before did not."]
+                      f"after gives a class the lost images went to {100 * FROM_CONTEXT:.0f}% or more of the "
+                      "images with that context that are of neither class, it follows a shortcut from the context "
+                      "to that class: a new shortcut when the model before did not (one run; another seed may "
+                      f"differ). Neither is said from fewer than {MIN_CONTEXT_IMAGES} images of the context; with "
+                      "two classes there are no images of neither class, and the second is not tested."]
         if chart:
             lines += ["", f"![per-group accuracy]({chart})"]
     if report.get("cues"):

@@ -365,18 +365,20 @@ def worse_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
     lines = ["| arm | runs | groups > 5 pts worse | beyond chance (p < 0.05) | right before only from the context "
              "| lost to a new shortcut | lost to a kept shortcut | none of these three |", "|---|---|---|---|---|---|---|---|"]
     for arm in reversed(ARMS):
-        worse = [w for draw in draws for s in seeds if (k := f"{draw.stem}/{arm}/{s}") in results
-                 for w in (results[k]["worse_groups"] or {}).values() if isinstance(w, dict)]
+        worse = [w if isinstance(w, dict) else {} for draw in draws for s in seeds  # {} : an old [before, after]
+                 if (k := f"{draw.stem}/{arm}/{s}") in results for w in (results[k]["worse_groups"] or {}).values()]
         runs = sum(f"{draw.stem}/{arm}/{s}" in results for draw in draws for s in seeds)
         if not runs:
             continue
         context = sum(bool(w.get("from_context")) for w in worse)
         new, kept = (sum(w.get("shortcut") == kind for w in worse) for kind in ("new", "kept"))
         chance = sum(w.get("p") is not None and w["p"] < 0.05 for w in worse)
-        untold = sum("shortcut" not in w for w in worse)  # saved before the test, from a stage no longer committed
-        neither = sum(not w.get("from_context") and not w.get("shortcut") and "shortcut" in w for w in worse)
+        # untested: saved before the test from a stage no longer committed, or no image of the context is of
+        # neither class (two classes)
+        untold = sum(not w.get("drawn_to") for w in worse)
+        neither = sum(not w.get("from_context") and not w.get("shortcut") and bool(w.get("drawn_to")) for w in worse)
         lines.append(f"| {'(b) no discovery' if arm == 'no-discovery' else '(c) ASPIRE'} | {runs} | {len(worse)}"
-                     + (f" ({untold} without the shortcut test)" if untold else "")
+                     + (f" ({untold} not tested for a shortcut)" if untold else "")
                      + f" | {chance} | {context} | {new} | {kept} | {neither} |")
     return "\n".join(lines) + "\n"
 
