@@ -56,6 +56,7 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "worse_groups": worse_groups(before.get("test"), after.get("test"), summaries.get("retrain", {}).get("test_changes"),
                                      summaries.get("retrain", {}).get("test_lost")),
         "per_class": summaries.get("retrain", {}).get("per_class"),
+        "kept_model_before": summaries.get("retrain", {}).get("kept_model_before"),
         "no_spurious_found": collapse.get("no_spurious_found"),
         "spurious_rule": collapse.get("rule"),
         "stages": {name: {k: s.get(k) for k in STAGE_FIELDS} for name, s in summaries.items()},
@@ -240,6 +241,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         if after:
             lines.append(f"| after (ERM retrained on the augmented set, last epoch) | {_pct(after['avg_acc'])} | "
                          f"{_pct(after.get('weighted_avg_acc'))} | {_pct(after['worst_group_acc'])} ({_cell(after['worst_group'])}) |")
+        if report.get("kept_model_before"):
+            lines += ["", f"After = before: {report['kept_model_before']}."]
         if report.get("per_class"):
             lines += ["", per_class_text(report["per_class"])]
         lines += ["", "| group | before | after |", "|---|---|---|"]

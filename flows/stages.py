@@ -261,6 +261,13 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         predicted = fit(part, rows)
         summary |= {"method": config.retrain.method, "grouping": grouping}
         parts = [store.part_ref(part)]
+    elif not any(r.get("source") == "generated" for r in rows):  # the augmented set is the original set
+        evaluated = {r["image_id"] for r in rows if r["split"] in ("val", "test")}
+        predicted = [r for r in stores["classifier"].read_rows() if r["image_id"] in evaluated]
+        summary, parts = {"trained": False, "kept_model_before": retrain.KEPT_MODEL_BEFORE}, []
+        if config.synth is not None:
+            model = classifier.model_file(stores["classifier"])
+            summary["cues"], probed = classifier.probe_cues(config.synth, {"before": model, "after": model})
     else:
         models: dict[str, dict] = {}
         val_results: dict[str, list] = {}  # part: its val predictions, shard by shard

@@ -20,7 +20,10 @@ from aspire.manifest import Row, digest, read_jsonl, write_jsonl
 from tasks import quote
 
 STAGE = "retrain"
-VERSION = 1
+VERSION = 2
+KEPT_MODEL_BEFORE = ("nothing was generated, so the augmented set is the original one: the ERM model before stands "
+                     "(retraining it with another seed would only measure the seed)")
+"""Why an ERM retrain stage trained nothing (its summary's ``kept_model_before``, shown by the report)."""
 ROBUST_PART = "robust"
 PREDICTIONS = "predictions.jsonl"
 CAPTIONS = "captions.jsonl"

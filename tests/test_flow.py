@@ -622,6 +622,11 @@ def test_nothing_claimed_in_any_class_generates_nothing_but_the_control_still_do
     assert report["no_spurious_found"] == ["bird", "car", "dog"] and report["counts"]["generated"] == 0
     generated = summary(tmp_path / "run", "generate")
     assert generated["generated"] == 0 and generated["skipped"] == {c: NOTHING_CLAIMED for c in ("bird", "car", "dog")}
+    # the augmented set is the original one: the model before stands (another seed would only measure the seed)
+    retrained = summary(tmp_path / "run", "retrain")
+    assert retrained["kept_model_before"] and not retrained["trained"]
+    assert report["after"] == report["before"] and report["worse_groups"] == {}
+    assert "After = before: nothing was generated" in (tmp_path / "run" / "report.md").read_text()
     control = run(run_config, "collapse.min_flips=100000", "generate.learn_from=held-out")
     assert control["counts"]["generated"] > 0
 
