@@ -137,8 +137,13 @@ def lost_images(before: Iterable[Row], after: Iterable[Row], split: str = "test"
         detail["lost_to"] = dict(sorted(detail["lost_to"].items(), key=lambda kv: (-kv[1], kv[0])))
         shown = sharing[where] if where is not None else []
         detail["context"] = given(label, [i for i in shown if after_seen[i]["label"] != label])
-        drawn = [{"class": name, "of": names.get(label, str(label)), **found} for name in detail["lost_to"] if (taker := labels.get(name)) is not None
-                 and (found := given(taker, [i for i in shown if after_seen[i]["label"] not in (label, taker)]))]
+        drawn = []  # per class the lost images went to (one the split has): the context's images of neither class
+        for name in detail["lost_to"]:
+            taker = labels.get(name)
+            found = None if taker is None else given(
+                taker, [i for i in shown if after_seen[i]["label"] not in (label, taker)])
+            if found:
+                drawn.append({"class": name, "of": names.get(label, str(label)), **found})
         detail["drawn_to"] = max(drawn, key=lambda d: d["after"], default=None)  # ties: the class that took most
     return out
 

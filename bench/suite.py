@@ -321,12 +321,12 @@ def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
                             _mean_std([r["after"]["worst_group_acc"] for r in c])])
         avg = " / ".join([_pct(first["before"]["avg_acc"]), _mean_std([r["after"]["avg_acc"] for r in b]),
                           _mean_std([r["after"]["avg_acc"] for r in c])])
-        beyond_chance = {g for r in c for g, w in (r["worse_groups"] or {}).items()
-                         if isinstance(w, dict) and w.get("p") is not None and w["p"] < 0.05}
-        from_context = {g for r in c for g, w in (r["worse_groups"] or {}).items()
-                        if isinstance(w, dict) and w.get("from_context")}
-        shortcut = {kind: {g for r in c for g, w in (r["worse_groups"] or {}).items()
-                           if isinstance(w, dict) and w.get("shortcut") == kind} for kind in ("new", "kept")}
+        def marked(test) -> set[str]:  # the worse groups of (c) for which ``test`` holds on some seed
+            return {g for r in c for g, w in (r["worse_groups"] or {}).items() if isinstance(w, dict) and test(w)}
+
+        beyond_chance = marked(lambda w: w.get("p") is not None and w["p"] < 0.05)
+        from_context = marked(lambda w: w.get("from_context"))
+        shortcut = {kind: marked(lambda w, kind=kind: w.get("shortcut") == kind) for kind in ("new", "kept")}
         worse = [g + "*" * (g in beyond_chance) + " (context)" * (g in from_context)
                  + "".join(f" ({kind} shortcut)" for kind, groups in shortcut.items() if g in groups)
                  for g in sorted({g for r in c for g in (r["worse_groups"] or {})})]

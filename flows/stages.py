@@ -265,9 +265,10 @@ def _retrain(config: RunConfig, runner, store: StageStore, rows: list[Row], stor
         evaluated = {r["image_id"] for r in rows if r["split"] in ("val", "test")}
         predicted = [r for r in stores["classifier"].read_rows() if r["image_id"] in evaluated]
         summary, parts = {"trained": False, "kept_model_before": retrain.KEPT_MODEL_BEFORE}, []
-        if config.synth is not None:
-            model = classifier.model_file(stores["classifier"])
-            summary["cues"], probed = classifier.probe_cues(config.synth, {"before": model, "after": model})
+        if config.synth is not None:  # one model: probed once, its answers are before's and after's
+            cues, rows_of = classifier.probe_cues(config.synth, {"before": classifier.model_file(stores["classifier"])})
+            summary["cues"] = {"before": cues["before"], "after": cues["before"]}
+            probed = {"before": rows_of["before"], "after": rows_of["before"]}
     else:
         models: dict[str, dict] = {}
         val_results: dict[str, list] = {}  # part: its val predictions, shard by shard
