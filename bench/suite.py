@@ -237,7 +237,7 @@ def run_suite(draws: list[Path], seeds: list[int], root: Path, arms: dict[str, l
         if ceiling and run and key not in results:
             start = time.perf_counter()
             report = aspire_flow(config_path=str(balanced_config(config_path)), overrides=list(sets), until="holdout")
-            results[key] = {**{k: report["before"][k] for k in ("avg_acc", "worst_group_acc")},
+            results[key] = {**{k: report["before"][k] for k in ("avg_acc", "worst_group_acc", "per_group")},
                             "minutes": round((time.perf_counter() - start) / 60, 2)}
             results_file.write_text(json.dumps(results, indent=1))
             print(key, json.dumps(results[key]), flush=True)
@@ -361,12 +361,18 @@ def worse_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
     """Markdown: per arm, over every run of ``draws`` and ``seeds``, the test groups more than 5 points worse
     after augmentation, and how many of them lost more than chance makes, were right before only from their
     context, or lost their images to a shortcut the augmented model follows (new or kept;
-    :func:`aspire.report.where_lost`). A group counts once per run."""
+    :func:`aspire.report.where_lost`). A group counts once per run. The last column compares each group's
+    accuracy after augmentation with what the balanced-data model of ``--ceiling`` (the same classifier trained
+    on the draw without any shortcut) reaches on that group: a group no more than 5 points under it lost only
+    what the shortcut had given it, which no augmentation that removes the shortcut can keep."""
     lines = ["| arm | runs | groups > 5 pts worse | beyond chance (p < 0.05) | right before only from the context "
-             "| lost to a new shortcut | lost to a kept shortcut | none of these three |", "|---|---|---|---|---|---|---|---|"]
+             "| lost to a new shortcut | lost to a kept shortcut | none of these three "
+             "| within 5 pts of the balanced-data model on the group |", "|---|---|---|---|---|---|---|---|---|"]
     for arm in reversed(ARMS):
-        worse = [w if isinstance(w, dict) else {} for draw in draws for s in seeds  # {} : an old [before, after]
-                 if (k := f"{draw.stem}/{arm}/{s}") in results for w in (results[k]["worse_groups"] or {}).values()]
+        worse = [{**(w if isinstance(w, dict) else {}), "group": g,  # {} : an old [before, after]
+                  "ceiling": (results.get(f"{draw.stem}/ceiling") or {}).get("per_group", {}).get(g)}
+                 for draw in draws for s in seeds
+                 if (k := f"{draw.stem}/{arm}/{s}") in results for g, w in (results[k]["worse_groups"] or {}).items()]
         runs = sum(f"{draw.stem}/{arm}/{s}" in results for draw in draws for s in seeds)
         if not runs:
             continue
@@ -377,9 +383,12 @@ def worse_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
         # neither class (two classes)
         untold = sum(not w.get("drawn_to") for w in worse)
         neither = sum(not w.get("from_context") and not w.get("shortcut") and bool(w.get("drawn_to")) for w in worse)
+        bounded = [w for w in worse if w["ceiling"] is not None and w.get("after") is not None]
+        at_ceiling = sum(w["after"] >= w["ceiling"] - 0.05 - 1e-9 for w in bounded)
         lines.append(f"| {'(b) no discovery' if arm == 'no-discovery' else '(c) ASPIRE'} | {runs} | {len(worse)}"
                      + (f" ({untold} not tested for a shortcut)" if untold else "")
-                     + f" | {chance} | {context} | {new} | {kept} | {neither} |")
+                     + f" | {chance} | {context} | {new} | {kept} | {neither} | {at_ceiling} of {len(bounded)}"
+                     + (f" ({len(worse) - len(bounded)} without a ceiling run)" if len(bounded) < len(worse) else "") + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,20 +15,25 @@ def result(worse: dict) -> dict:
 
 def test_the_worse_groups_table_counts_each_arms_groups_by_what_they_lost_to():
     drawn = {"class": "fox", "images": 8, "before": 0.0, "after": 0.1}
-    context = {"p": 0.01, "from_context": True, "drawn_to": drawn, "shortcut": None}
-    new = {"p": 0.2, "from_context": False, "drawn_to": drawn, "shortcut": "new"}
-    plain = {"p": 0.5, "from_context": False, "drawn_to": drawn, "shortcut": None}
+    context = {"after": 0.7, "p": 0.01, "from_context": True, "drawn_to": drawn, "shortcut": None}
+    new = {"after": 0.7, "p": 0.2, "from_context": False, "drawn_to": drawn, "shortcut": "new"}
+    plain = {"after": 0.7, "p": 0.5, "from_context": False, "drawn_to": drawn, "shortcut": None}
     results = {"d1/aspire/0": result({"0:cat|grass": context}), "d1/aspire/1": result({"0:cat|grass": context}),
                "d1/no-discovery/0": result({"0:cat|grass": new, "1:fox|sand": plain, "2:owl|sand": {**new, "shortcut": "kept"}}),
                "d2/aspire/0": result({}), "d2/no-discovery/0": result({})}
     draws = [Path("d1.yaml"), Path("d2.yaml")]
     lines = worse_table(results, draws, [0, 1]).splitlines()
-    assert lines[2] == "| (b) no discovery | 2 | 3 | 0 | 0 | 1 | 1 | 1 |"
-    assert lines[3] == "| (c) ASPIRE | 3 | 2 | 2 | 2 | 0 | 0 | 0 |"
+    assert lines[2] == "| (b) no discovery | 2 | 3 | 0 | 0 | 1 | 1 | 1 | 0 of 0 (3 without a ceiling run) |"
+    assert lines[3] == "| (c) ASPIRE | 3 | 2 | 2 | 2 | 0 | 0 | 0 | 0 of 0 (2 without a ceiling run) |"
+    # the balanced-data model of --ceiling: cat/grass at 0.7 after is within 5 points of 0.75, fox/sand not of 0.9
+    results["d1/ceiling"] = {"worst_group_acc": 0.5, "avg_acc": 0.8,
+                             "per_group": {"0:cat|grass": 0.75, "1:fox|sand": 0.9, "2:owl|sand": 0.5}}
+    lines = worse_table(results, draws, [0, 1]).splitlines()
+    assert lines[2].endswith("| 2 of 3 |") and lines[3].endswith("| 2 of 2 |")
     # saved before the test, not testable (two classes), an old [before, after]: none counts as "none of these"
     results["d2/aspire/0"]["worse_groups"] = {"3:ant|hill": {"p": 0.3, "from_context": False},
                                               "4:bee|hill": {**plain, "drawn_to": None}, "5:elk|hill": [1.0, 0.8]}
     assert worse_table(results, draws, [0, 1]).splitlines()[3] == (
-        "| (c) ASPIRE | 3 | 5 (3 not tested for a shortcut) | 2 | 2 | 0 | 0 | 0 |")
+        "| (c) ASPIRE | 3 | 5 (3 not tested for a shortcut) | 2 | 2 | 0 | 0 | 0 | 2 of 2 (3 without a ceiling run) |")
     results["d1/aspire/1"]["worse_groups"] = {"1:fox|sand": new}
     assert "0:cat/grass* (context), 1:fox/sand (new shortcut)" in table(results, draws, [0, 1])
