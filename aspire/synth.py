@@ -190,6 +190,12 @@ class SynthConfig(_Spec):
     val_per_group: int = Field(10, ge=1, description="Val images per class x background x object-presence group.")
     test_per_group: int = Field(20, ge=1, description="Test images per class x background x object-presence group.")
     seed: int = Field(0, ge=0, description="Seed of the drawing; the same seed gives byte-identical files.")
+    bank_per_background: int = Field(
+        50, ge=1,
+        description="Background-only images per background written to backgrounds/, the bank of the weight-free "
+        "background editor and generator. They stand in for InstructPix2Pix and Stable Diffusion, which paint a new "
+        "background every time; a bank of a few images per background is one the retrained model memorises (with 6, "
+        "test groups on those backgrounds fell 10-35 points under the balanced-data model: BENCHMARKS.md).")
 
     @model_validator(mode="after")
     def _check_names(self) -> "SynthConfig":
@@ -634,10 +640,11 @@ def draw_benchmark(config: SynthConfig, out: Path, seed: int | None = None) -> l
     return rows
 
 
-def draw_background_bank(config: SynthConfig, out: Path, per_name: int = 6, seed: int | None = None) -> list[Path]:
-    """Background-only images for the ``composite`` background editor: ``<out>/<name>/<i>.png``, one folder per
-    background name (the editor falls back on a background that looks unlike the image's own when the bank has no
-    folder named like the proposed alternative).
+def draw_background_bank(config: SynthConfig, out: Path, per_name: int | None = None, seed: int | None = None
+                         ) -> list[Path]:
+    """Background-only images for the ``composite`` background editor and generator: ``<out>/<name>/<i>.png``,
+    ``per_name`` (default ``config.bank_per_background``) per background name (the editor falls back on a
+    background that looks unlike the image's own when the bank has no folder named like the proposed alternative).
 
     Returns:
         The folders written.
@@ -648,7 +655,7 @@ def draw_background_bank(config: SynthConfig, out: Path, per_name: int = 6, seed
     for b, spec in enumerate(config.backgrounds):
         folder = out / spec.name.replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_name):
+        for i in range(config.bank_per_background if per_name is None else per_name):
             rng = image_rng(seed, "train", b * 1000 + i, stream=STREAM_BANK)
             Image.fromarray(draw_texture(rng, spec, config.image_size)).save(folder / f"{i:03d}.png")
         folders.append(folder)

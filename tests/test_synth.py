@@ -268,3 +268,18 @@ def test_cue_reliance_says_which_cue_the_predictions_follow() -> None:
     shortcut = [by_object.get(ob) or by_background.get(bg, names[label]) for label, bg, ob in cells]
     followed = cue_reliance(config, cells, shortcut)
     assert followed["object"] == 1.0 and 0 < followed["background"] < 1 and followed["shape"] < 0.5
+
+
+def test_background_bank_holds_bank_per_background_distinct_images_of_each_background(tmp_path: Path) -> None:
+    from aspire.synth import draw_background_bank
+
+    config = SynthConfig(image_size=32, bank_per_background=9)
+    folders = draw_background_bank(config, tmp_path / "bank")
+    assert sorted(f.name for f in folders) == sorted(b.name for b in config.backgrounds)
+    for folder in folders:
+        files = sorted(folder.glob("*.png"))
+        assert len(files) == 9
+        assert len({hashlib.sha256(f.read_bytes()).hexdigest() for f in files}) == 9  # no background repeats
+    again = draw_background_bank(config, tmp_path / "again", per_name=3)  # the first three of the same draw
+    assert all((folder / "002.png").read_bytes() == (tmp_path / "bank" / folder.name / "002.png").read_bytes()
+               for folder in again)
