@@ -640,11 +640,11 @@ def draw_benchmark(config: SynthConfig, out: Path, seed: int | None = None) -> l
     return rows
 
 
-def draw_background_bank(config: SynthConfig, out: Path, per_name: int | None = None, seed: int | None = None
-                         ) -> list[Path]:
+def draw_background_bank(config: SynthConfig, out: Path, seed: int | None = None) -> list[Path]:
     """Background-only images for the ``composite`` background editor and generator: ``<out>/<name>/<i>.png``,
-    ``per_name`` (default ``config.bank_per_background``) per background name (the editor falls back on a
-    background that looks unlike the image's own when the bank has no folder named like the proposed alternative).
+    ``config.bank_per_background`` per background name (the editor falls back on a background that looks unlike
+    the image's own when the bank has no folder named like the proposed alternative). Image ``i`` of a name does
+    not depend on the bank's size.
 
     Returns:
         The folders written.
@@ -655,7 +655,7 @@ def draw_background_bank(config: SynthConfig, out: Path, per_name: int | None = 
     for b, spec in enumerate(config.backgrounds):
         folder = out / spec.name.replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(config.bank_per_background if per_name is None else per_name):
+        for i in range(config.bank_per_background):
             rng = image_rng(seed, "train", b * 1000 + i, stream=STREAM_BANK)
             Image.fromarray(draw_texture(rng, spec, config.image_size)).save(folder / f"{i:03d}.png")
         folders.append(folder)
