@@ -191,7 +191,7 @@ class SynthConfig(_Spec):
     test_per_group: int = Field(20, ge=1, description="Test images per class x background x object-presence group.")
     seed: int = Field(0, ge=0, description="Seed of the drawing; the same seed gives byte-identical files.")
     bank_per_background: int = Field(
-        50, ge=1,
+        50, ge=1, le=1000,  # image i of background b is drawn from seed index b * 1000 + i
         description="Background-only images per background written to backgrounds/, the bank of the weight-free "
         "background editor and generator. They stand in for InstructPix2Pix and Stable Diffusion, which paint a new "
         "background every time; a bank of a few images per background is one the retrained model memorises (with 6, "

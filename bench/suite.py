@@ -369,7 +369,7 @@ def worse_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
              "| lost to a new shortcut | lost to a kept shortcut | none of these three "
              "| within 5 pts of the balanced-data model on the group |", "|---|---|---|---|---|---|---|---|---|"]
     for arm in reversed(ARMS):
-        worse = [{**(w if isinstance(w, dict) else {}), "group": g,  # {} : an old [before, after]
+        worse = [{**(w if isinstance(w, dict) else {}),  # {} : an old [before, after]
                   "ceiling": (results.get(f"{draw.stem}/ceiling") or {}).get("per_group", {}).get(g)}
                  for draw in draws for s in seeds
                  if (k := f"{draw.stem}/{arm}/{s}") in results for g, w in (results[k]["worse_groups"] or {}).items()]
