@@ -295,23 +295,27 @@ def _pct(x: float) -> str:
 
 
 def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "not run"
     if len(values) == 1:
         return _pct(values[0])
     return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))}"
 
 
 def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
-    """Markdown: per draw, planted features found, worst-group / average test accuracy of (a), (b), (c). A worse
+    """Markdown: per draw with an ASPIRE run, planted features found, worst-group / average test accuracy of (a),
+    (b) ("not run" without one) and (c), mean ± std over the seeds run (column "seeds"). A worse
     group marked * lost more of its images than chance makes (p < 0.05 on some seed; :func:`aspire.report.worse_groups`);
     one marked (context) was right before only because the ERM model gave its class to that context, one marked
     (new shortcut) or (kept shortcut) lost its images to a class the augmented model gives that context to
     (:data:`aspire.report.FROM_CONTEXT`)."""
-    lines = ["| draw | planted in top-3 | planted claimed | features claimed | edits kept | worst group (a) none / (b) no discovery / (c) ASPIRE "
-             "| average (a) / (b) / (c) | groups > 5 pts worse (c) | ceiling: balanced data, worst / average | minutes |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| draw | seeds (b) / (c) | planted in top-3 | planted claimed | features claimed | edits kept "
+             "| worst group (a) none / (b) no discovery / (c) ASPIRE | average (a) / (b) / (c) | groups > 5 pts worse (c) "
+             "| ceiling: balanced data, worst / average | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for draw in draws:
         runs = {arm: [results[f"{draw.stem}/{arm}/{s}"] for s in seeds if f"{draw.stem}/{arm}/{s}" in results] for arm in ARMS}
-        if not runs["aspire"] or not runs["no-discovery"]:
+        if not runs["aspire"]:
             continue
         c, b = runs["aspire"], runs["no-discovery"]
         first = c[0]
@@ -333,26 +337,27 @@ def table(results: dict, draws: list[Path], seeds: list[int]) -> str:
         minutes = round(sum(r["minutes"] for r in c + b), 1)
         bound = results.get(f"{draw.stem}/ceiling")
         bound = f"{_pct(bound['worst_group_acc'])} / {_pct(bound['avg_acc'])}" if bound else "not run"
-        lines.append(f"| {draw.stem} | {first['planted_in_top_k']}/{first['planted_total']} "
+        lines.append(f"| {draw.stem} | {len(b)} / {len(c)} | {first['planted_in_top_k']}/{first['planted_total']} "
                      f"| {first['planted_found']}/{first['planted_total']} | {claimed} | {first['edits_kept']} "
                      f"| {worst} | {avg} | {', '.join(worse).replace('|', '/') or 'none'} | {bound} | {minutes} |")
     return "\n".join(lines) + "\n"
 
 
 def cue_table(results: dict, draws: list[Path], seeds: list[int]) -> str:
-    """Markdown: per draw, which cue the models follow on the cue probe (:func:`probe`; mean over seeds, in %):
+    """Markdown: per draw with an ASPIRE run, which cue the models follow on the cue probe (:func:`probe`; mean
+    over seeds, in %; "-" for an arm not run):
     the core shape (higher is better), another class's planted background or object (lower is better)."""
     lines = ["| draw | seeds (b) / (c) | shape (a) / (b) / (c) | another class's background followed (a) / (b) / (c) "
              "| another class's object followed (a) / (b) / (c) |", "|---|---|---|---|---|"]
     for draw in draws:
         runs = {arm: [results[k]["cues"] for s in seeds if (k := f"{draw.stem}/{arm}/{s}") in results
                       and results[k].get("cues")] for arm in ARMS}
-        if not runs["aspire"] or not runs["no-discovery"]:
+        if not runs["aspire"]:
             continue
         cells = []
         for cue in ("shape", "background", "object"):
             values = [[r["before"][cue] for r in runs["aspire"]], *([r["after"][cue] for r in runs[arm]] for arm in ARMS)]
-            cells.append(" / ".join("-" if None in v else _pct(statistics.mean(v)) for v in (values[0], values[2], values[1])))
+            cells.append(" / ".join("-" if not v or None in v else _pct(statistics.mean(v)) for v in (values[0], values[2], values[1])))
         lines.append(f"| {draw.stem} | {len(runs['no-discovery'])} / {len(runs['aspire'])} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 

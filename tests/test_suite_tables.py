@@ -37,3 +37,11 @@ def test_the_worse_groups_table_counts_each_arms_groups_by_what_they_lost_to():
         "| (c) ASPIRE | 3 | 5 (3 not tested for a shortcut) | 2 | 2 | 0 | 0 | 0 | 2 of 2 (3 without a ceiling run) |")
     results["d1/aspire/1"]["worse_groups"] = {"1:fox|sand": new}
     assert "0:cat/grass* (context), 1:fox/sand (new shortcut)" in table(results, draws, [0, 1])
+
+
+def test_a_draw_run_without_control_b_is_listed_with_b_not_run():
+    results = {"d1/aspire/0": result({}), "d1/aspire/1": {**result({}), "after": {"worst_group_acc": 0.8, "avg_acc": 0.9}},
+               "d2/aspire/0": result({}), "d2/no-discovery/0": result({})}
+    rows = table(results, [Path("d1.yaml"), Path("d2.yaml"), Path("d3.yaml")], [0, 1]).splitlines()[2:]
+    assert [r.split(" | ")[:2] for r in rows] == [["| d1", "0 / 2"], ["| d2", "1 / 1"]]  # d3 never ran: no row
+    assert "| 0.0 / not run / 70.0 ± 14.1 |" in rows[0]
