@@ -517,8 +517,10 @@ def test_stopping_the_cli_leaves_no_prefect_server_running(run_config, tmp_path,
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # its own temporary server, not the tests' one
     log = tmp_path / "cli.log"
     with open(log, "w") as out:  # its own process group, as a terminal's foreground job
+        # SIGINT as a terminal's job has it, even when the tests run as a background job (which ignores it)
         cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "classifier", str(run_config)], env=env,
-                               stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+                               stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def server_pids() -> set[int]:
         pids = set()
