@@ -59,6 +59,9 @@ MAX_ROTATION_DEG = 15.0
 """Shapes are rotated by up to this many degrees either way."""
 PLACEMENT_TRIES = 40
 """Candidate positions tried for the planted object; the one overlapping the core shape least wins."""
+BANK_INDICES_PER_BACKGROUND = 1000
+"""Bank image ``i`` of background ``b`` is drawn from seed index ``b * BANK_INDICES_PER_BACKGROUND + i``, so a bank
+holds at most this many images per background (more would reuse the next background's indices)."""
 
 CAPTIONS_WITH_OBJECT = ("{cls} with {obj} {bg}", "{cls} beside {obj} {bg}", "{cls} next to {obj} {bg}")
 CAPTIONS_WITHOUT_OBJECT = ("{cls} {bg}", "a photo of {cls} {bg}")
@@ -191,7 +194,7 @@ class SynthConfig(_Spec):
     test_per_group: int = Field(20, ge=1, description="Test images per class x background x object-presence group.")
     seed: int = Field(0, ge=0, description="Seed of the drawing; the same seed gives byte-identical files.")
     bank_per_background: int = Field(
-        50, ge=1, le=1000,  # image i of background b is drawn from seed index b * 1000 + i
+        50, ge=1, le=BANK_INDICES_PER_BACKGROUND,
         description="Background-only images per background written to backgrounds/, the bank of the weight-free "
         "background editor and generator. They stand in for InstructPix2Pix and Stable Diffusion, which paint a new "
         "background every time; a bank of a few images per background is one the retrained model memorises (with 6, "
@@ -656,7 +659,7 @@ def draw_background_bank(config: SynthConfig, out: Path, seed: int | None = None
         folder = out / spec.name.replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(config.bank_per_background):
-            rng = image_rng(seed, "train", b * 1000 + i, stream=STREAM_BANK)
+            rng = image_rng(seed, "train", b * BANK_INDICES_PER_BACKGROUND + i, stream=STREAM_BANK)
             Image.fromarray(draw_texture(rng, spec, config.image_size)).save(folder / f"{i:03d}.png")
         folders.append(folder)
     return folders
