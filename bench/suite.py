@@ -65,36 +65,41 @@ PLACES = ["in the {}", "on a {}", "at the {}", "near a {}", "by the {}", "across
 
 
 def repository_words() -> set[str]:
-    """Every lower-case word of the repository's text files (code, configs, prompts, docs, test data)."""
+    """Every lower-case word of the files the pipeline or its tests could read (code, configs, prompts, test data).
+
+    Markdown is left out: no stand-in reads it, and BENCHMARKS.md gains a fresh draw's names once its results are
+    written, which would make the same ``--fresh-seed`` draw other names (and, before, other settings too)."""
     words: set[str] = set()
     for path in REPO.rglob("*"):
         if path.is_file() and ".git" not in path.parts and ".venv" not in path.parts and path.suffix in (
-                ".py", ".yaml", ".yml", ".md", ".txt", ".json", ".jsonl", ".csv", ".toml"):
+                ".py", ".yaml", ".yml", ".txt", ".json", ".jsonl", ".csv", ".toml"):
             words |= set(re.findall(r"[a-z]+", path.read_text(errors="replace").lower()))
     return words
 
 
-def made_up_words(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
-    """``count`` pronounceable words of 2-3 syllables, none in ``taken`` (which they join)."""
-    words: list[str] = []
-    while len(words) < count:
+def made_up_word(rng: np.random.Generator, taken: set[str]) -> str:
+    """A pronounceable word of 2-3 syllables not in ``taken`` (which it joins)."""
+    while True:
         syllables = int(rng.integers(2, 4))
         word = "".join(rng.choice(list("bdfgklmnprstvz")) + rng.choice(list("aeiou")) for _ in range(syllables))
         word += rng.choice(["", "n", "r", "l", "k", "m"])
         if word not in taken:
             taken.add(word)
-            words.append(word)
-    return words
+            return word
 
 
 def fresh_draw(seed: int, taken: set[str]) -> dict:
     """A draw's ``synth`` section that nobody has seen: 3-6 classes of one colour (shape tells them apart, as in
     every suite draw), a planted object and background per class and one or two spare backgrounds, all named by
-    made-up words not in ``taken``; strength 0.95, 0.9 or 0.8, 64 or 96 px, 300-500 training images per class."""
+    made-up words not in ``taken``; strength 0.95, 0.9 or 0.8, 64 or 96 px, 300-500 training images per class.
+
+    Each name comes from a random stream of its own: a word found in ``taken`` changes that name only, never the
+    other names or the draw's settings (classes, shapes, colours, strength, size)."""
     rng = np.random.default_rng(seed)
     n = int(rng.integers(3, 7))
     n_backgrounds = min(n + int(rng.integers(1, 3)), 8)
-    classes, objects, places, adjectives = (made_up_words(rng, k, taken) for k in (n, n, n_backgrounds, 3))
+    classes, objects, places, adjectives = ([made_up_word(np.random.default_rng([seed, kind, i]), taken) for i in range(k)]
+                                            for kind, k in enumerate((n, n, n_backgrounds, 3), start=1))
     strength = float(rng.choice([0.95, 0.9, 0.8]))
 
     def colour() -> list[int]:
@@ -129,9 +134,8 @@ def fresh_draw(seed: int, taken: set[str]) -> dict:
 def write_fresh_draws(count: int, seed: int, root: Path) -> list[Path]:
     """``count`` fresh draws (see :func:`fresh_draw`) as draw files under ``root/fresh-<seed>/``.
 
-    A draw file already there is kept: the names a draw may use depend on the repository's words at the time, and
-    once a draw's results (and so its names) are written into BENCHMARKS.md the same seed draws something else, so
-    a rerun on the same root must read the file, not draw again."""
+    A draw file already there is kept, not drawn again: a name may change when the code, configs or prompts gain
+    that very word (:func:`repository_words`), and a rerun on the same root must run the same draw."""
     folder = root / f"fresh-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     taken = repository_words()

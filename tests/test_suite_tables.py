@@ -45,3 +45,20 @@ def test_a_draw_run_without_control_b_is_listed_with_b_not_run():
     rows = table(results, [Path("d1.yaml"), Path("d2.yaml"), Path("d3.yaml")], [0, 1]).splitlines()[2:]
     assert [r.split(" | ")[:2] for r in rows] == [["| d1", "0 / 2"], ["| d2", "1 / 1"]]  # d3 never ran: no row
     assert "| 0.0 / not run / 70.0 ± 14.1 |" in rows[0]
+
+
+def test_a_fresh_draw_keeps_its_settings_when_a_name_is_taken():
+    from bench.suite import fresh_draw
+
+    first = fresh_draw(61_000, set())
+    taken = {first["classes"][0]["name"], first["backgrounds"][-1]["name"]}
+    second = fresh_draw(61_000, set(taken))  # fresh_draw adds the names it draws to the set
+    names = [c["name"] for c in second["classes"]] + [b["name"] for b in second["backgrounds"]]
+    assert not taken & set(names)  # the taken words are redrawn ...
+
+    def settings(draw: dict) -> dict:  # ... and nothing else changes: shapes, colours, textures, strength, size
+        return {**draw, "classes": [c["shape"] for c in draw["classes"]], "objects": [o["color"] for o in draw["objects"]],
+                "backgrounds": [(b["texture"], b["colors"]) for b in draw["backgrounds"]]}
+
+    assert settings(second) == settings(first)
+    assert [c["name"] for c in second["classes"]][1:] == [c["name"] for c in first["classes"]][1:]
