@@ -33,8 +33,11 @@ from tasks.vision import Box, Segmenter, box_mask
 log = logging.getLogger(__name__)
 
 SEGMENTERS = ("sam", "hf-sam", "box", "grabcut")
-GRABCUT_ITERATIONS = 5  # OpenCV's samples use 5; more rarely changes the mask
+GRABCUT_ITERATIONS = 1  # from the ring-colour prior one round (colour models, graph cut) is best: on strong textures
+# each further round lets the foreground model learn more of the background (BENCHMARKS.md, 2026-12-08)
 GRABCUT_MIN_SIDE = 4  # px: smaller boxes have too few pixels for GrabCut's colour models, the box is kept
+RING_COLOURS = 5  # k-means centres of the colours around the box (GrabCut's own colour models have 5 components)
+RING_QUANTILE = 95  # a box pixel nearer to a ring colour than this percentile of the ring's own distances is "like the ring"
 def _check_boxes(boxes: Sequence[Box]) -> None:
     """Raises ValueError naming the first box that is not ``[x0, y0, x1, y1]`` with x0 <= x1 and y0 <= y1."""
     for i, box in enumerate(boxes):
@@ -73,7 +76,7 @@ def _hf_ref(config: RemoveConfig) -> str:
 def segmenter_identity(config: RemoveConfig) -> str:
     """What masks depend on, without loading a model.
 
-    ``box``; ``grabcut:iterations=5,seed=0``; ``sam:<model type>:<file name>@<digest of size, first and last
+    ``box``; ``grabcut:iterations=1,seed=0,init=ring-colours``; ``sam:<model type>:<file name>@<digest of size, first and last
     MiB>`` (moving the checkpoint keeps the identity, replacing it changes it); ``hf-sam:<hub id>`` or
     ``hf-sam:<absolute folder>@<digest of its files>``.
 
@@ -106,16 +109,22 @@ class BoxSegmenter:
 
 
 class GrabCutSegmenter:
-    """OpenCV GrabCut (Rother et al., 2004, https://doi.org/10.1145/1015706.1015720) initialised with the box.
+    """OpenCV GrabCut (Rother et al., 2004, https://doi.org/10.1145/1015706.1015720) started from the box.
 
     GrabCut runs on the box plus a margin of half its size (at least 16 px) on each side, whose pixels outside
-    the box seed the background colour model. Boxes that GrabCut cannot handle (tiny, covering the whole image)
-    or for which it returns an empty mask fall back to the box mask, with a log line. OpenCV's RNG is seeded
-    with ``seed`` before each call, so masks are deterministic.
+    the box (the *ring*) are background. Inside the box it starts from a colour prior instead of "everything is
+    foreground": pixels whose colour the ring also shows (nearer to one of the ring's k-means colours than 95% of
+    the ring's own pixels are) start as probable background, the others as probable foreground. An object is
+    what differs from its surroundings; started from the whole box, GrabCut's foreground model also learns the
+    background's colours and, on high-contrast textures (a checkerboard, stripes), keeps much of them. A box
+    whose pixels are all like the ring (a camouflaged object) starts from the whole box as plain GrabCut does.
+    Boxes that GrabCut cannot handle (tiny, covering the whole image) or for which it returns an empty mask fall
+    back to the box mask, with a log line. OpenCV's RNG is seeded with ``seed`` before each box, so masks are
+    deterministic.
 
     Args:
         iterations: GrabCut iterations per box.
-        seed: seed of OpenCV's RNG (the k-means that initialises the colour models).
+        seed: seed of OpenCV's RNG (the k-means of the ring and of GrabCut's colour models).
     """
 
     def __init__(self, iterations: int = GRABCUT_ITERATIONS, seed: int = 0) -> None:
@@ -123,7 +132,7 @@ class GrabCutSegmenter:
             raise ValueError(f"iterations={iterations}: expected >= 1")
         self.iterations = iterations
         self.seed = seed
-        self.identity = f"grabcut:iterations={iterations},seed={seed}"
+        self.identity = f"grabcut:iterations={iterations},seed={seed},init=ring-colours"
 
     def segment(self, image: Image.Image, boxes: list[Box]) -> list[np.ndarray]:
         _check_boxes(boxes)
@@ -143,23 +152,49 @@ class GrabCutSegmenter:
         mx, my = max(16, (x1 - x0) // 2), max(16, (y1 - y0) // 2)
         cx0, cy0, cx1, cy1 = max(0, x0 - mx), max(0, y0 - my), min(width, x1 + mx), min(height, y1 + my)
         crop = np.ascontiguousarray(bgr[cy0:cy1, cx0:cx1])
-        labels = np.zeros(crop.shape[:2], np.uint8)
-        rect = (x0 - cx0, y0 - cy0, x1 - x0, y1 - y0)
-        # 3. GrabCut, seeded; failures and empty results keep the box mask.
+        in_box = np.zeros(crop.shape[:2], bool)
+        in_box[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0] = True
+        # 3. GrabCut from the ring's colour prior (or from the box), seeded; failures and empty results keep the box.
         cv2.setRNGSeed(self.seed)
+        labels = self._initial_labels(crop, in_box)
         try:
-            cv2.grabCut(crop, labels, rect, np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64),
-                        self.iterations, cv2.GC_INIT_WITH_RECT)
+            if labels is None:
+                labels = np.zeros(crop.shape[:2], np.uint8)
+                cv2.grabCut(crop, labels, (x0 - cx0, y0 - cy0, x1 - x0, y1 - y0), np.zeros((1, 65), np.float64),
+                            np.zeros((1, 65), np.float64), self.iterations, cv2.GC_INIT_WITH_RECT)
+            else:
+                cv2.grabCut(crop, labels, None, np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64),
+                            self.iterations, cv2.GC_INIT_WITH_MASK)
         except cv2.error as exc:
             log.info("grabcut: failed on box %s (%s), keeping the box mask", box, str(exc).strip().splitlines()[-1])
             return fallback
-        foreground = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+        foreground = ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)) & in_box
         if not foreground.any():
             log.info("grabcut: empty mask for box %s, keeping the box mask", box)
             return fallback
         mask = np.zeros((height, width), dtype=bool)
         mask[cy0:cy1, cx0:cx1] = foreground
         return mask
+
+    @staticmethod
+    def _initial_labels(crop: np.ndarray, in_box: np.ndarray) -> np.ndarray | None:
+        """GrabCut's starting labels from the ring's colours (see the class), or None to start from the box: no
+        ring (the box covers the crop), fewer ring pixels than colours, or no box pixel unlike the ring."""
+        ring = crop[~in_box].reshape(-1, 3).astype(np.float32)
+        if len(ring) < 4 * RING_COLOURS:
+            return None
+        criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+        _, _, centres = cv2.kmeans(ring, RING_COLOURS, None, criteria, 2, cv2.KMEANS_PP_CENTERS)
+
+        def distance(pixels: np.ndarray) -> np.ndarray:  # to the nearest ring colour
+            return np.sqrt(((pixels[:, None, :] - centres[None]) ** 2).sum(-1)).min(1)
+
+        like_ring = distance(crop[in_box].reshape(-1, 3).astype(np.float32)) <= np.percentile(distance(ring), RING_QUANTILE)
+        if like_ring.all():
+            return None
+        labels = np.full(crop.shape[:2], cv2.GC_BGD, np.uint8)
+        labels[in_box] = np.where(like_ring, cv2.GC_PR_BGD, cv2.GC_PR_FGD)
+        return labels
 
 
 # -- SAM backends --------------------------------------------------------------------------------------------
