@@ -65,6 +65,7 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "top_k": collapse.get("top_k"),
         "planted_found": collapse.get("planted"),
         "cues": summaries.get("retrain", {}).get("cues"),
+        "generation": generation(summaries.get("personalize"), summaries.get("generate")),
         "flipped": collapse.get("flipped"),
         "skip_reasons": {s: summaries[s].get("skip_reasons") for s in ("remove", "background") if s in summaries},
         "before": _accuracy_block(before.get("test")),
@@ -73,6 +74,36 @@ def build_report(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "after_val": _accuracy_block(after.get("val")),
         "quarantine": quarantine,
     }
+
+
+def generation(personalize: dict[str, Any] | None, generate: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Per class: ``planned`` images (the largest ``generate.per_class`` multiple), ``learned_from`` (the number of
+    images its generator learned from: textual inversion's training images, else the composite generator's
+    exemplars; None when unknown) and ``skipped`` (why no image was generated, or None)."""
+    if not generate or not generate.get("planned"):
+        return {}
+    learned = {c: len(v.get("images") or []) for c, v in ((personalize or {}).get("learned_from") or {}).items()}
+    learned |= generate.get("exemplars") or {}
+    skipped = generate.get("skipped") or {}
+    return {c: {"planned": n, "learned_from": learned.get(c), "skipped": skipped.get(c)}
+            for c, n in sorted(generate["planned"].items())}
+
+
+def generation_section(classes: dict[str, dict[str, Any]]) -> list[str]:
+    """The generation table: per class, images planned, images learned from and images per image learned from."""
+    lines = ["", "## Generation", "",
+             "Each class's generator learns from its kept edits (textual inversion's training images; the composite "
+             "generator imitates at most 64). A class learned from a handful of them gets images much alike, which "
+             "can teach the retrained model a narrower class than the data shows, and lose test images of it to a "
+             "class learned from many (ASPIRE's limitations: limited samples for fine-tuning). Compare the classes' "
+             "last column.", "",
+             "| class | images planned | images learned from | planned per image learned from |", "|---|---|---|---|"]
+    for name, c in classes.items():
+        learned = c["learned_from"]
+        per = f"{c['planned'] / learned:.0f}" if learned else "-"
+        lines.append(f"| {_cell(name)} | {c['planned'] if not c['skipped'] else '0 (' + c['skipped'] + ')'} | "
+                     f"{'?' if learned is None else learned} | {per if not c['skipped'] else '-'} |")
+    return lines
 
 
 WORSE_BY = 0.05
@@ -276,6 +307,8 @@ def render_markdown(report: dict[str, Any], images: dict[str, str] | None = None
         lines += _spurious_section(report)
         if images.get("top_k"):
             lines += ["", f"![top-k groups per class]({images['top_k']})"]
+    if report.get("generation"):
+        lines += generation_section(report["generation"])
     if grid:
         lines += ["", "## Originals beside their prediction-flipping edits, and generated images", "", f"![edits]({grid})"]
     if report.get("robust"):

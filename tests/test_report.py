@@ -227,3 +227,16 @@ def test_figures_inlined_for_the_ui_fit_prefects_event_limit_and_the_files_keep_
     with Image.open(io.BytesIO(decoded["grid"])) as small:
         assert small.format == "JPEG" and small.width < 1200 and small.width == small.height  # smaller, same aspect
     assert sum(len(uri) for uri in uris.values()) < 1_500_000
+
+
+def test_the_report_says_how_many_images_each_class_learned_from_and_how_many_it_generated():
+    generate = {"planned": {"cat": 800, "fox": 800, "owl": 400}, "exemplars": {"cat": 7, "fox": 64},
+                "skipped": {"owl": "nothing to learn from: only 1 kept edits (< min_images)"}}
+    text = render_markdown(build_report({"generate": generate}))
+    assert "| cat | 800 | 7 | 114 |" in text and "| fox | 800 | 64 | 12 |" in text
+    assert "| owl | 0 (nothing to learn from: only 1 kept edits (< min_images)) | ? | - |" in text
+    # textual inversion: the images each class's token was trained on
+    personalize = {"learned_from": {"cat": {"rule": "top-k", "images": ["a.png", "b.png", "c.png"]}}}
+    report = build_report({"personalize": personalize, "generate": {"planned": {"cat": 30}}})
+    assert report["generation"] == {"cat": {"planned": 30, "learned_from": 3, "skipped": None}}
+    assert "## Generation" not in render_markdown(build_report({"generate": {"planned": {}}}))
