@@ -108,6 +108,9 @@ def test_grabcut_falls_back_to_the_box_when_it_cannot_segment(caplog: pytest.Log
     assert np.array_equal(masks[0], BoxSegmenter().segment(image, [tiny])[0])
     assert masks[1].all()
     assert "keeping the box mask" in caplog.text and caplog.text.count("grabcut:") == 2
+    # nothing in the box differs from its surroundings: no colour prior, plain GrabCut finds nothing, the box stays
+    flat, box = Image.new("RGB", (64, 64), (90, 90, 90)), [20.0, 20.0, 40.0, 40.0]
+    assert np.array_equal(GrabCutSegmenter().segment(flat, [box])[0], BoxSegmenter().segment(flat, [box])[0])
 
 
 @pytest.mark.parametrize("box", [[1, 2, 3], [10, 10, 5, 20], [0, 0, float("nan"), 4]])
