@@ -3,10 +3,11 @@
 Usage: .venv/bin/python bench/grabcut_masks.py [--images 300] [--draws d05_six_classes,...]
 
 Per draw of ``configs/suite/`` (the demo's synth settings for a draw without a ``synth`` section), ``--images``
-images of random class, background and object (drawn by :func:`aspire.synth.draw_image`), the core shape's box
-segmented by ``tasks.segmenters.GrabCutSegmenter``, scored by IoU with the shape's exact mask. The exact mask is
-the set of pixels that change when the same image (same random stream) is drawn again with the core shape in
-another colour. Prints mean IoU per draw and per background, the background a shape is segmented on.
+images of random class and background, half of them with the class's object (drawn by
+:func:`aspire.synth.draw_image`). The core shape's box and the object's are segmented by
+``tasks.segmenters.GrabCutSegmenter`` and scored by IoU with the exact mask of what is visible of each: the pixels
+that change when the same image (same random stream) is drawn again with that shape in its colour's complement.
+Prints mean IoU per draw (core shapes, objects) and the core shapes' per background, the one they sit on.
 """
 
 from __future__ import annotations
@@ -33,28 +34,38 @@ def draw_config(path: Path) -> SynthConfig:
     return SynthConfig.model_validate(section)
 
 
-def core_mask(config: SynthConfig, seed: int, label: int, background: str, obj: str | None) -> np.ndarray:
-    """The core shape's exact mask: pixels that differ when the shape is drawn in its colour's complement."""
-    classes = list(config.classes)
+def exact_mask(config: SynthConfig, seed: int, label: int, background: str, obj: str | None, of_object: bool) -> np.ndarray:
+    """The visible pixels of the core shape (or of the object): those that differ when it is drawn in its colour's
+    complement."""
     first, _ = draw_image(np.random.default_rng(seed), config, label, background, obj)
-    colour = [255 - c for c in classes[label].color]
-    classes[label] = classes[label].model_copy(update={"color": colour})
-    second, _ = draw_image(np.random.default_rng(seed), config.model_copy(update={"classes": classes}), label, background, obj)
+    if of_object:
+        objects = [o.model_copy(update={"color": [255 - c for c in o.color]}) if o.name == obj else o for o in config.objects]
+        recoloured = config.model_copy(update={"objects": objects})
+    else:
+        classes = [c.model_copy(update={"color": [255 - v for v in c.color]}) if i == label else c
+                   for i, c in enumerate(config.classes)]
+        recoloured = config.model_copy(update={"classes": classes})
+    second, _ = draw_image(np.random.default_rng(seed), recoloured, label, background, obj)
     return np.abs(np.asarray(first, int) - np.asarray(second, int)).max(-1) > 0
 
 
-def score(config: SynthConfig, images: int) -> dict[str, list[float]]:
-    """IoU of GrabCut's mask with the exact one, per background."""
-    rng, segmenter, found = np.random.default_rng(0), GrabCutSegmenter(), {}
+def score(config: SynthConfig, images: int) -> tuple[dict[str, list[float]], list[float]]:
+    """IoU of GrabCut's masks with the exact ones: the core shapes' per background, and the objects'."""
+    rng, segmenter, cores, objects = np.random.default_rng(0), GrabCutSegmenter(), {}, []
+
+    def iou(mask: np.ndarray, truth: np.ndarray) -> float:
+        return float((mask & truth).sum() / max(1, (mask | truth).sum()))
+
     for i in range(images):
         label = int(rng.integers(len(config.classes)))
         background = config.backgrounds[int(rng.integers(len(config.backgrounds)))].name
         obj = config.classes[label].object if rng.random() < 0.5 else None
         image, boxes = draw_image(np.random.default_rng(1000 + i), config, label, background, obj)
-        truth = core_mask(config, 1000 + i, label, background, obj)
-        mask = segmenter.segment(image, [boxes[0]["box"]])[0]
-        found.setdefault(background, []).append(float((mask & truth).sum() / max(1, (mask | truth).sum())))
-    return found
+        masks = segmenter.segment(image, [b["box"] for b in boxes])
+        cores.setdefault(background, []).append(iou(masks[0], exact_mask(config, 1000 + i, label, background, obj, False)))
+        if obj is not None:
+            objects.append(iou(masks[1], exact_mask(config, 1000 + i, label, background, obj, True)))
+    return cores, objects
 
 
 def main() -> None:
@@ -66,12 +77,12 @@ def main() -> None:
     if args.draws:
         draws = [d for d in draws if d.stem in args.draws.split(",")]
     print(f"{platform.node()} {time.strftime('%Y-%m-%d')}: {GrabCutSegmenter().identity}, {args.images} images per draw")
-    print("| draw | mean IoU | per background |\n|---|---|---|")
+    print("| draw | core shapes: mean IoU | objects: mean IoU | core shapes per background |\n|---|---|---|---|")
     for path in draws:
-        found = score(draw_config(path), args.images)
-        everything = [v for values in found.values() for v in values]
-        per = ", ".join(f"{name} {np.mean(values):.2f}" for name, values in sorted(found.items()))
-        print(f"| {path.stem} | {np.mean(everything):.3f} | {per} |")
+        cores, objects = score(draw_config(path), args.images)
+        everything = [v for values in cores.values() for v in values]
+        per = ", ".join(f"{name} {np.mean(values):.2f}" for name, values in sorted(cores.items()))
+        print(f"| {path.stem} | {np.mean(everything):.3f} | {np.mean(objects):.3f} | {per} |")
 
 
 if __name__ == "__main__":
