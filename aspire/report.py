@@ -100,9 +100,10 @@ def generation_section(classes: dict[str, dict[str, Any]]) -> list[str]:
              "| class | images planned | images learned from | planned per image learned from |", "|---|---|---|---|"]
     for name, c in classes.items():
         learned = c["learned_from"]
-        per = f"{c['planned'] / learned:.0f}" if learned else "-"
-        lines.append(f"| {_cell(name)} | {c['planned'] if not c['skipped'] else '0 (' + c['skipped'] + ')'} | "
-                     f"{'?' if learned is None else learned} | {per if not c['skipped'] else '-'} |")
+        planned, per = c["planned"], f"{c['planned'] / learned:.0f}" if learned else "-"
+        if c["skipped"]:
+            planned, per = f"0 ({c['skipped']})", "-"
+        lines.append(f"| {_cell(name)} | {_cell(planned)} | {'?' if learned is None else learned} | {per} |")
     return lines
 
 

@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/grabcut_masks.py [--images 300] [--draws d05_six_classes,...]
 
-Per draw of ``configs/suite/`` (the demo's synth settings for a draw without a ``synth`` section), ``--images``
+Per draw of ``configs/suite/`` (the demo's synth settings with the draw's merged in, as the suite does), ``--images``
 images of random class and background, half of them with the class's object (drawn by
 :func:`aspire.synth.draw_image`). The core shape's box and the object's are segmented by
 ``tasks.segmenters.GrabCutSegmenter`` and scored by IoU with the exact mask of what is visible of each: the pixels
@@ -27,11 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def draw_config(path: Path) -> SynthConfig:
-    """A suite draw's synth settings: its own ``synth`` section, else the demo's."""
-    section = yaml.safe_load(path.read_text()).get("synth")
-    if section is None:
-        section = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["synth"]
-    return SynthConfig.model_validate(section)
+    """A suite draw's synth settings: the demo's with the draw's ``synth`` section merged in (as the suite does)."""
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["synth"]
+    return SynthConfig.model_validate({**demo, **(yaml.safe_load(path.read_text()) or {}).get("synth", {})})
 
 
 def exact_mask(config: SynthConfig, seed: int, label: int, background: str, obj: str | None, of_object: bool) -> np.ndarray:

@@ -157,14 +157,13 @@ class GrabCutSegmenter:
         # 3. GrabCut from the ring's colour prior (or from the box), seeded; failures and empty results keep the box.
         cv2.setRNGSeed(self.seed)
         labels = self._initial_labels(crop, in_box)
+        rect, mode = None, cv2.GC_INIT_WITH_MASK
+        if labels is None:
+            labels, mode = np.zeros(crop.shape[:2], np.uint8), cv2.GC_INIT_WITH_RECT
+            rect = (x0 - cx0, y0 - cy0, x1 - x0, y1 - y0)
         try:
-            if labels is None:
-                labels = np.zeros(crop.shape[:2], np.uint8)
-                cv2.grabCut(crop, labels, (x0 - cx0, y0 - cy0, x1 - x0, y1 - y0), np.zeros((1, 65), np.float64),
-                            np.zeros((1, 65), np.float64), self.iterations, cv2.GC_INIT_WITH_RECT)
-            else:
-                cv2.grabCut(crop, labels, None, np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64),
-                            self.iterations, cv2.GC_INIT_WITH_MASK)
+            cv2.grabCut(crop, labels, rect, np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64),
+                        self.iterations, mode)
         except cv2.error as exc:
             log.info("grabcut: failed on box %s (%s), keeping the box mask", box, str(exc).strip().splitlines()[-1])
             return fallback
@@ -180,7 +179,7 @@ class GrabCutSegmenter:
     def _initial_labels(crop: np.ndarray, in_box: np.ndarray) -> np.ndarray | None:
         """GrabCut's starting labels from the ring's colours (see the class), or None to start from the box: no
         ring (the box covers the crop), fewer ring pixels than colours, or no box pixel unlike the ring."""
-        ring = crop[~in_box].reshape(-1, 3).astype(np.float32)
+        ring = crop[~in_box].astype(np.float32)  # (pixels, 3)
         if len(ring) < 4 * RING_COLOURS:
             return None
         criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
@@ -189,7 +188,7 @@ class GrabCutSegmenter:
         def distance(pixels: np.ndarray) -> np.ndarray:  # to the nearest ring colour
             return np.sqrt(((pixels[:, None, :] - centres[None]) ** 2).sum(-1)).min(1)
 
-        like_ring = distance(crop[in_box].reshape(-1, 3).astype(np.float32)) <= np.percentile(distance(ring), RING_QUANTILE)
+        like_ring = distance(crop[in_box].astype(np.float32)) <= np.percentile(distance(ring), RING_QUANTILE)
         if like_ring.all():
             return None
         labels = np.full(crop.shape[:2], cv2.GC_BGD, np.uint8)
